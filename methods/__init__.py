@@ -1,0 +1,18 @@
+"""Pruning methods, registered by name (a config or a Ray Tune ``choice`` names them).
+
+Importing this package registers every built-in method.
+"""
+
+from methods.base import (
+    Method,
+    get_method_class,
+    keep_count,
+    method_names,
+    register_method,
+)
+
+# Registration happens on import: each module decorates its class with @register_method.
+from methods import norm as _norm  # noqa: E402,F401
+from methods import sfp as _sfp  # noqa: E402,F401
+
+__all__ = ["Method", "get_method_class", "keep_count", "method_names", "register_method"]

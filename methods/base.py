@@ -1,0 +1,121 @@
+"""The method protocol and registry.
+
+A method decides *which* channels to keep; the engine decides how to train and the surgery
+how to cut. Every hook has a no-op default, so a one-shot method only implements
+:meth:`Method.keep_masks` and a training-aware one adds the hooks it needs.
+
+Masks are ``{group_name: BoolTensor[N]}`` with True = keep, one entry per channel group
+(``pipeline.surgery.ChannelGroup``). Every decision must be identical on every rank: the
+norm-based ones are, because DDP keeps weights identical; batch-dependent ones all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.surgery import ChannelGroup
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name`")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[Method]:
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def keep_count(n: int, prune_ratio: float, round_to: int = 1) -> int:
+    """Channels kept of ``n`` when ``prune_ratio`` of them are removed.
+
+    ``floor(n * prune_ratio)`` are removed (SFP's rule); the kept count is then rounded to
+    the nearest multiple of ``round_to`` (tensor cores want multiples of 8) and never drops
+    to zero: a layer of width 0 would cut the network in two.
+    """
+    keep = n - math.floor(n * prune_ratio + 1e-9)
+    if round_to > 1:
+        keep = int(round(keep / round_to)) * round_to
+        keep = min(n, max(round_to, keep))
+    return max(1, min(n, keep))
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask keeping the ``k`` highest scores; ties broken by lower index (deterministic)."""
+    order = torch.argsort(scores.detach().double().cpu(), descending=True, stable=True)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+class Method(ABC):
+    """Base class of every pruning method. Subclass, set ``name``, decorate with @register_method."""
+
+    name: ClassVar[str] = ""
+    training_aware: ClassVar[bool] = False
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(
+        self,
+        groups: list[ChannelGroup],
+        prune_ratio: float,
+        round_to: int = 1,
+        options: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.groups = groups
+        self.prune_ratio = prune_ratio
+        self.round_to = round_to
+        self.options = self.Options(**(options or {}))
+        self.seed = seed
+
+    # --- hooks of the pruning phase (training-aware methods) -------------------------------
+    def on_train_start(self, model: nn.Module) -> None:
+        """Called once before the pruning-phase epochs."""
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss added to the task loss at each step (sparsity, budget...)."""
+        return None
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called after every optimizer step (proximal updates, re-masking)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called after each pruning-phase epoch."""
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and numbers to checkpoint with the model (resume mid-pruning)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    # --- the decision ------------------------------------------------------------------------
+    @abstractmethod
+    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Final keep-mask per channel group (True = keep)."""
+
+    def n_keep(self, group: ChannelGroup) -> int:
+        return keep_count(group.size, self.prune_ratio, self.round_to)

@@ -1,0 +1,263 @@
+"""One validated config schema for every workflow.
+
+A config is data: YAML in, dotted ``key=value`` overrides from the CLI and from Ray Tune
+alike (a trial is just a set of overrides). Anything wrong fails here, before any work,
+with a :class:`ConfigError` whose message is one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ARCHS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, with a one-line message that names the offending key."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid" is what turns a typo (`prune.ratio`) into an error instead of a silent no-op.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    arch: Literal[ARCHS] = "resnet18"  # type: ignore[valid-type]
+    weights: str | None = None  # local state-dict file (.safetensors or a weights-only .pt)
+
+
+class DataConfig(_Strict):
+    backend: Literal["webdataset", "synthetic"] = "webdataset"
+    root: str = "data/digits"  # folder holding train/ and val/ shards and dataset.json
+    image_size: int = Field(32, ge=8, le=1024)
+    batch_size: int = Field(64, ge=1, le=4096)  # per rank
+    num_workers: int = Field(0, ge=0, le=64)
+    augment: Literal["none", "light", "imagenet"] = "light"
+    shuffle_buffer: int = Field(512, ge=0)
+    # synthetic backend only: how big the fake epoch is and how many classes it has
+    synthetic_samples: int = Field(256, ge=1)
+    synthetic_classes: int = Field(10, ge=2)
+
+
+class PruneConfig(_Strict):
+    method: str = "l1"
+    prune_ratio: float = Field(0.5, ge=0.0, lt=1.0)  # fraction of channels REMOVED
+    scope: Literal["inner", "all"] = "inner"  # "all" also prunes the residual streams
+    round_to: int = Field(1, ge=1, le=128)  # kept widths rounded to a multiple (8 on tensor cores)
+    epochs: int = Field(0, ge=0)  # pruning-phase epochs of a training-aware method
+    options: dict[str, Any] = Field(default_factory=dict)  # method knobs, validated by the method
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(2, ge=0)  # fine-tune epochs after surgery
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for GPU
+    max_failures: int = Field(2, ge=0)  # Ray Train restarts of a trial's worker group
+
+
+class BaselineConfig(_Strict):
+    """Dense training before the search, so every trial starts from the same trained model."""
+
+    epochs: int = Field(0, ge=0)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+
+
+class MeasureConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(10, ge=1)
+    threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
+
+
+class SearchSpaceEntry(_Strict):
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchSpaceEntry:
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint")
+        return self
+
+
+class SearchConfig(_Strict):
+    num_samples: int = Field(4, ge=1)
+    num_workers: int = Field(2, ge=1)  # DDP workers per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent: int = Field(1, ge=1)
+    ray_num_cpus: int | None = Field(None, ge=1)  # logical CPUs for a local ray.init
+    metric: str = "val_top1"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    space: dict[str, SearchSpaceEntry] = Field(default_factory=dict)
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str = "sqlite:///runs/mlflow.db"
+    experiment: str = "prunepipe"
+    model_name: str = "prunepipe-model"
+    promote_tolerance: float = Field(0.005, ge=0.0, le=1.0)  # top-1 drop allowed on promote
+    enabled: bool = True
+
+
+class Config(_Strict):
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="after")
+    def _method_and_options(self) -> Config:
+        # Imported here: methods import the config types, and the registry must be filled.
+        from methods import get_method_class, method_names
+
+        try:
+            cls = get_method_class(self.prune.method)
+        except KeyError:
+            raise ValueError(
+                f"prune.method: unknown method {self.prune.method!r}; allowed: {', '.join(method_names())}"
+            ) from None
+        try:
+            cls.Options(**self.prune.options)
+        except ValidationError as err:
+            raise ValueError(_format(err, prefix="prune.options.")) from None
+        for key in self.search.space:
+            _check_dotted_key(key)
+        return self
+
+
+def _check_dotted_key(key: str) -> None:
+    """A search-space key must name a real config field, or every trial would fail later."""
+    node: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if node is dict:
+            return
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            raise ValueError(f"search.space: {key!r} is not a config key")
+        ann = fields[part].annotation
+        if part == "options" and i < len(parts) - 1:
+            return  # method options are checked per trial by the method's own schema
+        node = ann if isinstance(ann, type) else None
+        if node is not None and not issubclass(node, BaseModel):
+            node = None
+    if node is not None and isinstance(node, type) and issubclass(node, BaseModel):
+        raise ValueError(f"search.space: {key!r} names a section, not a value")
+
+
+def _format(err: ValidationError, prefix: str = "") -> str:
+    e = err.errors()[0]
+    loc = prefix + ".".join(str(p) for p in e["loc"] if p != "__root__")
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+        return f"{loc} = {e.get('input')!r}: allowed values are {e['ctx']['expected']}"
+    if loc:
+        return f"{loc} = {e.get('input')!r}: {msg}"
+    return msg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` → ("a.b", value), the value parsed as YAML (so 0.3 is a float, [1,2] a list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> Config:
+    """Validate a raw mapping plus dotted overrides into a :class:`Config`."""
+    tree = copy.deepcopy(raw) if raw else {}
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    try:
+        return Config(**tree)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML file and apply overrides (``["a.b=1", ...]`` or ``{"a.b": 1}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    return build_config(raw, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict → dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
