@@ -261,3 +261,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def absolutize(cfg: Config) -> Config:
+    """Resolve relative paths against the current directory once, in the launcher: Ray workers
+    run in other working directories, and a relative SQLite path would fork the registry."""
+    updates: dict[str, Any] = {"output_dir": str(Path(cfg.output_dir).resolve())}
+    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).resolve())})
+    model = cfg.model
+    if model.weights:
+        model = model.model_copy(update={"weights": str(Path(model.weights).resolve())})
+    reg = cfg.registry
+    if reg.tracking_uri.startswith("sqlite:///") and not reg.tracking_uri.startswith("sqlite:////"):
+        path = Path(reg.tracking_uri.removeprefix("sqlite:///")).resolve()
+        reg = reg.model_copy(update={"tracking_uri": f"sqlite:///{path}"})
+    return cfg.model_copy(update={**updates, "data": data, "model": model, "registry": reg})

@@ -1,0 +1,211 @@
+"""The Ray Tune search: each trial is a multi-worker Ray Train TorchTrainer job (DDP).
+
+Ray Train V2's pattern: Tune runs a small driver function per trial that builds a
+``TorchTrainer`` and calls ``fit()``; workers report with ``ray.train.report`` and
+``TuneReportCallback`` forwards rank 0's metrics to Tune, where ASHA stops weak trials early.
+A trial is just a set of dotted overrides on the base config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline import registry
+from pipeline.config import Config, SearchSpaceEntry, build_config, config_to_dict
+
+# On small CPU machines the worker group can take longer than Ray's default to start.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+
+
+def init_ray(cfg: Config) -> None:
+    """Start a local Ray (or join RAY_ADDRESS's cluster) unless one is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    s = cfg.search
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, configure_logging=False)
+        return
+    # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
+    # fit, and Ray's accounting is not the OS scheduler.
+    need = s.max_concurrent * (1 + math.ceil(s.num_workers * s.cpus_per_worker))
+    ray.init(num_cpus=s.ray_num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
+             configure_logging=False)
+
+
+def _sampler(entry: SearchSpaceEntry):
+    from ray import tune
+
+    if entry.choice is not None:
+        return tune.choice(entry.choice)
+    if entry.grid is not None:
+        return tune.grid_search(entry.grid)
+    if entry.uniform is not None:
+        return tune.uniform(*entry.uniform)
+    if entry.loguniform is not None:
+        return tune.loguniform(*entry.loguniform)
+    return tune.randint(*entry.randint)
+
+
+def _report_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker: the very same recipe as `prunepipe prune`."""
+    import ray.train
+
+    from pipeline.recipe import run_trial
+
+    cfg = build_config(loop_config["base"], loop_config["overrides"])
+
+    def report(metrics: dict[str, Any]) -> None:
+        metrics = _report_numbers(metrics)
+        # ASHA needs the metric in every result; before a fine-tune epoch it is the cut model's
+        metrics.setdefault("val_top1", metrics.get("pruned_val_top1", 0.0))
+        ray.train.report(metrics)
+
+    final = run_trial(cfg, report=report, run_name=loop_config["trial_name"])
+    report({**final, "done": 1})
+
+
+def _trial_driver(tune_config: dict[str, Any]) -> None:
+    """One Tune trial: build and fit a TorchTrainer for this trial's overrides."""
+    from ray import tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base = tune_config["__base__"]
+    overrides = {k: v for k, v in tune_config.items() if not k.startswith("__")}
+    trial_name = tune.get_context().get_trial_name()
+    # deterministic per-trial folders: a restarted trial finds its own checkpoint
+    overrides["output_dir"] = str(Path(base["output_dir"]) / "trials" / trial_name)
+    overrides["name"] = trial_name
+    cfg = build_config(base, overrides)
+    s = cfg.search
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"base": base, "overrides": overrides, "trial_name": trial_name},
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.gpus_per_worker > 0,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=trial_name,
+            storage_path=str(Path(base["output_dir"]) / "ray"),
+            callbacks=[TuneReportCallback()],
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def run_search(cfg: Config) -> dict[str, Any]:
+    """Search ``cfg.search.space``, register the best trial's model as ``challenger``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = config_to_dict(cfg)
+    s = cfg.search
+    init_ray(cfg)
+    param_space: dict[str, Any] = {k: _sampler(v) for k, v in s.space.items()}
+    param_space["__base__"] = base
+    max_t = (cfg.prune.epochs + cfg.train.epochs) or 1
+    tuner = tune.Tuner(
+        _trial_driver,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=s.metric,
+            mode="max",
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(s.grace_period, max_t),
+                                    reduction_factor=s.reduction_factor),
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"), verbose=1),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        conf = result.config or {}
+        rows.append(
+            {
+                "trial": str(m.get("trial_id", "?")),
+                "method": conf.get("prune.method", cfg.prune.method),
+                "ratio": conf.get("prune.prune_ratio", cfg.prune.prune_ratio),
+                "status": "done" if m.get("done") else ("error" if result.error else "stopped"),
+                **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
+                                         "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s")},
+            }
+        )
+    done = [r for r in rows if r["status"] == "done" and r["run_id"]]
+    best = max(done, key=lambda r: (r["val_top1"], r["img_s"] or 0.0)) if done else None
+    version = None
+    if best is not None and cfg.registry.enabled:
+        client = registry.connect(cfg.registry)
+        metrics = {k: v for k, v in best.items() if isinstance(v, int | float)}
+        version = registry.register(client, cfg.registry.model_name, best["run_id"], metrics)
+        best["registered"] = f"{cfg.registry.model_name} v{version} @challenger"
+    return {"rows": rows, "best": best, "version": version}
+
+
+def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
+    """The results table printed at the end of a search."""
+    head = f"{'trial':<18} {'method':<8} {'ratio':>5} {'status':<8} {'top-1':>6} {'dense':>6} {'MACs red.':>9} " \
+           f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up':>8} {'eff.':>5}"
+    lines = [head, "-" * len(head)]
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, int | float) else "-"
+
+    for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or 0))):
+        mark = " *" if best is not None and r is best else ""
+        lines.append(
+            f"{r['trial']:<18} {r['method']:<8} {f(r['ratio'], '.2f'):>5} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
+            f"{f(r['dense_val_top1'], '.3f'):>6} {f(r['macs_reduction'], '.1%'):>9} {f(r['params_reduction'], '.1%'):>11} "
+            f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {f(r['speedup'], '.2f'):>7}x "
+            f"{f(r['speedup_efficiency'], '.2f'):>5}{mark}"
+        )
+    if best is not None:
+        lines.append(f"* best trial: {best.get('registered', 'not registered')}")
+    else:
+        lines.append("no trial completed: nothing registered")
+    return "\n".join(lines)
+
+
+def _pretrain_worker(loop_config: dict[str, Any]) -> None:
+    from pipeline.recipe import run_pretrain
+
+    run_pretrain(build_config(loop_config["base"], {}))
+
+
+def ensure_baseline(cfg: Config) -> Config:
+    """Train the dense baseline once (as a DDP job) unless weights are given or it exists."""
+    from pipeline.recipe import baseline_path
+
+    if cfg.model.weights is not None or cfg.baseline.epochs == 0:
+        return cfg
+    path = baseline_path(cfg)
+    if not path.is_file():
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        init_ray(cfg)
+        print(f"[prunepipe] training the dense baseline for {cfg.baseline.epochs} epochs → {path}", flush=True)
+        TorchTrainer(
+            _pretrain_worker,
+            train_loop_config={"base": config_to_dict(cfg)},
+            scaling_config=ScalingConfig(num_workers=cfg.search.num_workers, use_gpu=cfg.search.gpus_per_worker > 0,
+                                         resources_per_worker={"CPU": cfg.search.cpus_per_worker}),
+            run_config=RunConfig(name="baseline", storage_path=str(Path(cfg.output_dir) / "ray")),
+        ).fit()
+    else:
+        print(f"[prunepipe] reusing the dense baseline {path}", flush=True)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": str(path)})})

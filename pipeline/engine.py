@@ -1,0 +1,176 @@
+"""The training engine: DDP (gloo on CPU, nccl on GPU), one epoch of training, evaluation,
+atomic checkpoints. No trainer framework: the recipe calls these in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from pipeline.distributed import DistInfo, all_reduce_sum
+
+if TYPE_CHECKING:
+    from methods.base import Method
+    from pipeline.config import TrainConfig
+    from pipeline.data.loaders import Loader
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; CPU trains in float32 (CPU autocast is slow for convs)."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def use_channels_last(mode: str, device: torch.device) -> bool:
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, channels_last: bool = False) -> nn.Module:
+    model = model.to(info.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not info.distributed:
+        return model
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    # broadcast_buffers keeps BN running statistics identical on every rank (rank 0's)
+    return DDP(model, device_ids=ids, broadcast_buffers=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def make_optimizer(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only (not on BN scales and biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    info: DistInfo,
+    method: Method | None = None,
+    amp: torch.dtype | None = None,
+    label_smoothing: float = 0.0,
+    channels_last: bool = False,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and top-1 over all ranks."""
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
+    stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
+    # join() lets ranks with fewer batches shadow the collectives of ranks with more
+    join = model.join() if isinstance(model, DDP) else contextlib.nullcontext()
+    bar = tqdm(total=len(loader), desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
+    with join:
+        for images, labels in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+                logits = model(images)
+                loss = criterion(logits, labels)
+                extra = method.loss_term(unwrap(model)) if method is not None else None
+                total = loss + extra if extra is not None else loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if method is not None:
+                method.after_step(unwrap(model), optimizer)
+            n = labels.numel()
+            stats += torch.tensor(
+                [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64, device=info.device
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    all_reduce_sum(stats, info)
+    count = max(1.0, stats[2].item())
+    return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: Loader, info: DistInfo, amp: torch.dtype | None = None, channels_last: bool = False
+) -> dict[str, float]:
+    """Top-1, top-5 and loss over the whole split (each rank evaluates its share; all-reduced)."""
+    net = unwrap(model)  # no DDP forward: ranks may hold different batch counts
+    net.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss sum, top1, top5, count
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+            logits = net(images).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels[:, None]
+        stats += torch.tensor(
+            [
+                nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+                hit[:, 0].sum().item(),
+                hit.any(1).sum().item(),
+                labels.numel(),
+            ],
+            dtype=torch.float64,
+            device=info.device,
+        )
+    all_reduce_sum(stats, info)
+    count = max(1.0, stats[3].item())
+    return {"val_loss": stats[0].item() / count, "val_top1": stats[1].item() / count, "val_top5": stats[2].item() / count}
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any], info: DistInfo) -> None:
+    """Rank 0 writes ``payload`` atomically (temp file + rename): a crash never leaves half a file."""
+    if not info.is_main:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    # our own checkpoints hold only tensors, numbers and strings: weights_only suffices
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,299 @@
+"""The trial recipe, top to bottom: setup → pruning phase → select → cut → measure → fine-tune
+→ save and register. It runs standalone, under ``torchrun`` and inside a Ray Train worker.
+
+Every rank runs the same steps; rank 0 alone writes checkpoints, the model folder and the
+MLflow run. A checkpoint after every epoch lets a restarted trial (a dead worker, a preempted
+node) resume where it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from methods import get_method_class
+from pipeline import registry
+from pipeline.config import Config, config_to_dict, flatten
+from pipeline.data.loaders import build_loader
+from pipeline.distributed import DistInfo, assert_same_on_all_ranks, barrier, broadcast_object, init_distributed
+from pipeline.engine import (
+    amp_dtype,
+    cosine_schedule,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    save_checkpoint,
+    train_epoch,
+    unwrap,
+    use_channels_last,
+    wrap_ddp,
+)
+from pipeline.measure import compare
+from pipeline.models import build_model
+from pipeline.plots import width_plot
+from pipeline.spec import build_from_spec, make_spec, save_pruned
+from pipeline.surgery import apply_masks, find_groups, prune_model
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def _print_report(info: DistInfo) -> Reporter:
+    def report(metrics: dict[str, Any]) -> None:
+        if info.is_main:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            print(f"[prunepipe] {json.dumps(shown)}", flush=True)
+
+    return report
+
+
+class _TrialLog:
+    """MLflow logging of one trial, on rank 0 only (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
+        self.active = info.is_main and cfg.registry.enabled
+        self.run_id: str | None = None
+        if not self.active:
+            return
+        registry.connect(cfg.registry)
+        run = registry.mlflow.start_run(run_name=run_name, tags={"prunepipe.method": cfg.prune.method})
+        self.run_id = run.info.run_id
+        registry.log_params(flatten(config_to_dict(cfg)))
+
+    def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.active:
+            registry.log_metrics(metrics, step=step)
+
+    def finish(self, model_dir: Path, plot: Path | None) -> None:
+        if not self.active:
+            return
+        registry.mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        if plot is not None:
+            registry.mlflow.log_artifact(str(plot), artifact_path="plots")
+        registry.mlflow.end_run()
+
+
+def _measure(dense: nn.Module, pruned: nn.Module, cfg: Config, info: DistInfo) -> dict[str, float]:
+    """Rank 0 times dense and pruned side by side while the other ranks wait."""
+    result = None
+    if info.is_main:
+        threads = torch.get_num_threads()
+        # Ray pins a 1-CPU worker to one thread; timing uses the configured or all cores for both
+        torch.set_num_threads(cfg.measure.threads or os.cpu_count() or 1)
+        try:
+            result = compare(
+                copy.deepcopy(dense),
+                copy.deepcopy(unwrap(pruned)),
+                cfg.data.image_size,
+                batch_size=cfg.measure.batch_size,
+                warmup=cfg.measure.warmup,
+                repeats=cfg.measure.repeats,
+                device=info.device,
+                amp_dtype=amp_dtype(cfg.train.amp, info.device),
+                channels_last=use_channels_last(cfg.train.channels_last, info.device),
+            )
+        finally:
+            torch.set_num_threads(threads)
+    barrier(info)
+    return broadcast_object(result, info)
+
+
+def _train_phase(
+    model: nn.Module,
+    epochs: range,
+    total_epochs: int,
+    cfg: Config,
+    info: DistInfo,
+    loaders: tuple,
+    on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], dict[str, Any]],
+    method=None,
+    optimizer_state: dict | None = None,
+    desc: str = "train",
+) -> None:
+    """Train ``epochs`` (a range, so a resumed phase starts mid-way) and call ``on_epoch`` after each."""
+    train_loader, _ = loaders
+    cl = use_channels_last(cfg.train.channels_last, info.device)
+    ddp = wrap_ddp(model, info, channels_last=cl)
+    opt = make_optimizer(ddp, cfg.train.lr, cfg.train.momentum, cfg.train.nesterov, cfg.train.weight_decay)
+    steps = max(1, len(train_loader)) * total_epochs
+    sched = cosine_schedule(opt, steps, cfg.train.warmup_epochs * len(train_loader))
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    for _ in range(epochs.start * len(train_loader)):
+        sched.step()  # fast-forward the schedule of a resumed phase
+    for epoch in epochs:
+        train_loader.set_epoch(epoch)
+        stats = train_epoch(
+            ddp,
+            train_loader,
+            opt,
+            sched,
+            info,
+            method=method,
+            amp=amp_dtype(cfg.train.amp, info.device),
+            label_smoothing=cfg.train.label_smoothing,
+            channels_last=cl,
+            desc=f"{desc} {epoch + 1}/{total_epochs}",
+        )
+        on_epoch(epoch, unwrap(ddp), opt, stats)
+
+
+def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank)."""
+    t_start = time.perf_counter()
+    info = init_distributed()
+    report = report or _print_report(info)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pt"
+    size = cfg.data.image_size
+
+    # --- setup -------------------------------------------------------------------------------
+    loaders = (
+        build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed),
+        build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed),
+    )
+    num_classes = loaders[0].num_classes
+    model = build_model(cfg.model.arch, num_classes, cfg.model.weights)
+    dense = copy.deepcopy(model).eval()
+    groups = find_groups(model, size, cfg.prune.scope)
+    method = get_method_class(cfg.prune.method)(
+        groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options, seed=cfg.seed
+    )
+    log = _TrialLog(cfg, info, run_name or cfg.name)
+    resume = load_checkpoint(ckpt_path)
+    prune_epochs = cfg.prune.epochs if method.training_aware else 0
+    total_epochs = prune_epochs + cfg.train.epochs
+    model.to(info.device)
+
+    def eval_now(net: nn.Module) -> dict[str, float]:
+        return evaluate(net, loaders[1], info, amp_dtype(cfg.train.amp, info.device))
+
+    if resume is not None and resume["phase"] == "finetune":
+        # resumed after the cut: rebuild the pruned architecture from its spec
+        model = build_from_spec(json.loads(resume["spec"])).to(info.device)
+        model.load_state_dict(resume["model"])
+        summary = json.loads(resume["summary"])
+        masks = None
+    else:
+        summary = {f"dense_{k}": v for k, v in eval_now(model).items()}
+        # --- pruning phase (training-aware methods) ----------------------------------------
+        first = 0
+        if resume is not None and resume["phase"] == "prune":
+            model.load_state_dict(resume["model"])
+            method.load_state(resume["method"])
+            first = int(resume["epoch"])
+        elif prune_epochs:
+            method.on_train_start(model)
+
+        def after_prune_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
+            method.on_epoch_end(net, epoch)
+            metrics = {"epoch": epoch + 1, "phase": "prune", **stats, **eval_now(net)}
+            log.metrics(metrics, step=epoch + 1)
+            report(metrics)
+            save_checkpoint(
+                ckpt_path,
+                {"phase": "prune", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                 "method": method.state()},
+                info,
+            )
+
+        if prune_epochs and first < prune_epochs:
+            _train_phase(model, range(first, prune_epochs), prune_epochs, cfg, info, loaders, after_prune_epoch,
+                         method=method, optimizer_state=resume.get("optimizer") if resume else None, desc="prune")
+
+        # --- select and cut --------------------------------------------------------------------
+        masks = method.keep_masks(model)
+        assert_same_on_all_ranks(masks, info)
+        apply_masks(model, groups, masks)
+        prune_model(model, groups, masks, size)
+        summary.update({f"pruned_{k}": v for k, v in eval_now(model).items()})  # before any fine-tune
+        summary.update(_measure(dense, model, cfg, info))
+        report({"epoch": prune_epochs, "phase": "cut", **summary})
+
+    spec = make_spec(model, cfg.model.arch, num_classes, image_size=size)
+
+    # --- fine-tune ---------------------------------------------------------------------------
+    def after_finetune_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
+        metrics = {"epoch": prune_epochs + epoch + 1, "phase": "finetune", **stats, **eval_now(net), **summary}
+        log.metrics({k: v for k, v in metrics.items() if not k.startswith(("dense_", "pruned_"))}, step=metrics["epoch"])
+        report(metrics)
+        save_checkpoint(
+            ckpt_path,
+            {"phase": "finetune", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
+             "spec": json.dumps(spec), "summary": json.dumps(summary)},
+            info,
+        )
+
+    first_ft = int(resume["epoch"]) if resume is not None and resume["phase"] == "finetune" else 0
+    if first_ft < cfg.train.epochs:
+        _train_phase(model, range(first_ft, cfg.train.epochs), cfg.train.epochs, cfg, info, loaders,
+                     after_finetune_epoch, optimizer_state=resume.get("optimizer") if first_ft else None,
+                     desc="finetune")
+
+    # --- save and register -------------------------------------------------------------------
+    final = {**summary, **eval_now(model), "epochs": total_epochs, "wall_s": time.perf_counter() - t_start}
+    final["method"], final["prune_ratio"] = cfg.prune.method, cfg.prune.prune_ratio
+    model_dir = out / "model"
+    plot = None
+    if info.is_main:
+        spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)})
+        save_pruned(unwrap(model), model_dir, spec)
+        if masks is not None:
+            dense_w = {g.name: g.size for g in groups}
+            kept_w = {g.name: int(masks[g.name].sum()) for g in groups}
+            plot = width_plot(dense_w, kept_w, f"{cfg.model.arch} · {cfg.prune.method} · ratio {cfg.prune.prune_ratio:.2f}",
+                              out / "widths.png")
+        log.metrics({k: v for k, v in final.items() if not k.startswith("dense_") or k == "dense_val_top1"})
+        log.finish(model_dir, plot)
+    final["model_dir"] = str(model_dir)
+    final["run_id"] = broadcast_object(log.run_id, info)
+    barrier(info)
+    return final
+
+
+def baseline_path(cfg: Config) -> Path:
+    """Where the dense baseline of this model/data/budget lives; the key makes reruns reuse it."""
+    import hashlib
+
+    key = json.dumps([cfg.model.arch, cfg.model.weights, str(Path(cfg.data.root).resolve()), cfg.data.image_size,
+                      cfg.data.augment, cfg.baseline.epochs, cfg.baseline.lr, cfg.seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.output_dir) / "baseline" / f"{cfg.model.arch}-{digest}.safetensors"
+
+
+def run_pretrain(cfg: Config, report: Reporter | None = None) -> Path:
+    """Train the dense model for ``baseline.epochs`` so every trial starts from the same weights."""
+    from safetensors.torch import save_file
+
+    info = init_distributed()
+    report = report or _print_report(info)
+    torch.manual_seed(cfg.seed)
+    loaders = (
+        build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed),
+        build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed),
+    )
+    model = build_model(cfg.model.arch, loaders[0].num_classes, cfg.model.weights).to(info.device)
+    cfg_b = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.baseline.lr})})
+
+    def after_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
+        report({"epoch": epoch + 1, "phase": "baseline", **stats,
+                **evaluate(net, loaders[1], info, amp_dtype(cfg.train.amp, info.device))})
+
+    _train_phase(model, range(cfg.baseline.epochs), cfg.baseline.epochs, cfg_b, info, loaders, after_epoch,
+                 desc="baseline")
+    path = baseline_path(cfg)
+    if info.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    barrier(info)
+    return path

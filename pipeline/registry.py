@@ -1,0 +1,104 @@
+"""MLflow: one run per trial, registered versions, aliases, promotion.
+
+The embedded default is a local SQLite store with an artifact folder beside it; any tracking
+URI works by config. A registered version's source is the run's ``model/`` folder (JSON spec +
+safetensors), so loading it back never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import RegistryConfig
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+# metrics copied onto a registered version as tags, so `promote` and users see them there
+VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_efficiency")
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class RegistryError(RuntimeError):
+    """A registry lookup or action that cannot be done (unknown model, missing alias...)."""
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts")
+    return None  # a server decides
+
+
+def connect(cfg: RegistryConfig) -> MlflowClient:
+    """Point MLflow at ``cfg.tracking_uri`` (creating the SQLite folder) and select the experiment."""
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (Ray workers) see the same store
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        root = _artifact_root(uri)
+        try:
+            client.create_experiment(cfg.experiment, artifact_location=Path(root).as_uri() if root else None)
+        except MlflowException:
+            pass  # another trial created it first
+    mlflow.set_experiment(cfg.experiment)
+    return client
+
+
+def log_params(params: dict[str, Any]) -> None:
+    # MLflow caps a value at 6000 characters and a batch at 100 params
+    items = [(k, str(v)[:500]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+
+def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[str, Any], alias: str = CHALLENGER) -> int:
+    """Register the run's ``model/`` folder as a new version with its metrics, and alias it."""
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="Pruned models from prunepipe (spec.json + model.safetensors)")
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    tags = {k: f"{float(metrics[k]):.6g}" for k in VERSION_METRICS if k in metrics}
+    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(model_name, alias, mv.version)
+    return int(mv.version)
+
+
+def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder."""
+    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+    rest = uri.removeprefix("models:/")
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = rest.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+    except (MlflowException, ValueError) as err:
+        raise RegistryError(f"{uri}: not found in the registry at {mlflow.get_tracking_uri()} ({str(err).splitlines()[0]})") from None
+    dst = tempfile.mkdtemp(prefix="prunepipe-model-")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst))
+
+
+def version_by_alias(client: MlflowClient, model_name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
