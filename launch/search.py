@@ -31,9 +31,10 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=False, configure_logging=False)
         return
     # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
-    # fit, and Ray's accounting is not the OS scheduler.
+    # fit, and the last trial's placement group is released a little after it ends; with an
+    # exact fit the next trial's worker group waits for it until it times out.
     need = s.max_concurrent * (1 + math.ceil(s.num_workers * s.cpus_per_worker))
-    ray.init(num_cpus=s.ray_num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(num_cpus=s.ray_num_cpus or max(8, 2 * need, os.cpu_count() or 1), include_dashboard=False,
              configure_logging=False)
 
 

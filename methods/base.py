@@ -48,26 +48,21 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def keep_count(n: int, prune_ratio: float, round_to: int = 1) -> int:
+def keep_count(n: int, prune_ratio: float, round_to: int = 1, channel_groups: int = 1) -> int:
     """Channels kept of ``n`` when ``prune_ratio`` of them are removed.
 
     ``floor(n * prune_ratio)`` are removed (SFP's rule); the kept count is then rounded to
-    the nearest multiple of ``round_to`` (tensor cores want multiples of 8) and never drops
-    to zero: a layer of width 0 would cut the network in two.
+    the nearest multiple of ``round_to`` (tensor cores want multiples of 8) and of the conv
+    groups of a grouped conv, and never drops to zero: a width of 0 cuts the network in two.
     """
     keep = n - math.floor(n * prune_ratio + 1e-9)
-    if round_to > 1:
-        keep = int(round(keep / round_to)) * round_to
-        keep = min(n, max(round_to, keep))
+    step = math.lcm(round_to, channel_groups)
+    if step > 1 and n % step == 0:
+        keep = int(round(keep / step)) * step
+        keep = min(n, max(step, keep))
+    elif channel_groups > 1:
+        keep = max(channel_groups, keep // channel_groups * channel_groups)
     return max(1, min(n, keep))
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask keeping the ``k`` highest scores; ties broken by lower index (deterministic)."""
-    order = torch.argsort(scores.detach().double().cpu(), descending=True, stable=True)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask
 
 
 class Method(ABC):
@@ -118,4 +113,4 @@ class Method(ABC):
         """Final keep-mask per channel group (True = keep)."""
 
     def n_keep(self, group: ChannelGroup) -> int:
-        return keep_count(group.size, self.prune_ratio, self.round_to)
+        return keep_count(group.size, self.prune_ratio, self.round_to, group.channel_groups)

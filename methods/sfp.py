@@ -5,6 +5,11 @@ filters of smallest L2 norm are set to zero. Only the conv filters are zeroed, a
 authors' code: gradients and momentum are untouched and the BN keeps its γ and β, so a zeroed
 filter gets gradient again and can come back the next epoch (the "soft").
 
+Caveat seen in the tests: the gradient that revives a zeroed filter passes through the BN and
+the ReLU. Its channel outputs exactly the BN shift β; where β ≤ 0 (β = 0 is the fresh-init
+value) ReLU passes no gradient and the filter stays dead. Softness is real from a trained model
+or once β has moved, not in the very first steps from scratch.
+
 At the end the last masks decide. The hard prune then zeroes BN γ and β of the dropped
 channels too (what physical removal computes), so the masked model and the cut model agree
 exactly; the BN shift a soft-pruned channel carried is lost, and the fine-tune after surgery

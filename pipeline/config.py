@@ -80,7 +80,8 @@ class BaselineConfig(_Strict):
     """Dense training before the search, so every trial starts from the same trained model."""
 
     epochs: int = Field(0, ge=0)
-    lr: float = Field(0.1, gt=0.0, le=10.0)
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    warmup_epochs: int = Field(1, ge=0)  # from scratch, a linear warm-up keeps BN statistics sane
 
 
 class MeasureConfig(_Strict):

@@ -4,7 +4,6 @@ atomic checkpoints. No trainer framework: the recipe calls these in order.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import tempfile
@@ -44,8 +43,8 @@ def wrap_ddp(model: nn.Module, info: DistInfo, channels_last: bool = False) -> n
     if not info.distributed:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # broadcast_buffers keeps BN running statistics identical on every rank (rank 0's)
-    return DDP(model, device_ids=ids, broadcast_buffers=True)
+    # syncing buffers keeps BN running statistics identical on every rank (rank 0's)
+    return DDP(model, device_ids=ids, forward_sync_buffers=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,36 +88,45 @@ def train_epoch(
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
-    # join() lets ranks with fewer batches shadow the collectives of ranks with more
-    join = model.join() if isinstance(model, DDP) else contextlib.nullcontext()
+    _check_equal_steps(len(loader), info)
     bar = tqdm(total=len(loader), desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
-    with join:
-        for images, labels in loader:
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
-                logits = model(images)
-                loss = criterion(logits, labels)
-                extra = method.loss_term(unwrap(model)) if method is not None else None
-                total = loss + extra if extra is not None else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            if method is not None:
-                method.after_step(unwrap(model), optimizer)
-            n = labels.numel()
-            stats += torch.tensor(
-                [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64, device=info.device
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    for images, labels in loader:
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(images)
+            loss = criterion(logits, labels)
+            extra = method.loss_term(unwrap(model)) if method is not None else None
+            total = loss + extra if extra is not None else loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        if method is not None:
+            method.after_step(unwrap(model), optimizer)
+        n = labels.numel()
+        stats += torch.tensor(
+            [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64, device=info.device
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     all_reduce_sum(stats, info)
     count = max(1.0, stats[2].item())
     return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count}
+
+
+def _check_equal_steps(steps: int, info: DistInfo) -> None:
+    """Every rank must take the same number of steps, or DDP hangs or its states drift apart."""
+    if not info.distributed:
+        return
+    t = torch.tensor([steps, -steps], dtype=torch.int64, device=info.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(f"ranks disagree on the steps of this epoch ({-int(t[1])}..{int(t[0])}): "
+                           "the training loader must give every rank the same number of batches")
 
 
 @torch.no_grad()

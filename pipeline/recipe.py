@@ -264,7 +264,7 @@ def baseline_path(cfg: Config) -> Path:
     import hashlib
 
     key = json.dumps([cfg.model.arch, cfg.model.weights, str(Path(cfg.data.root).resolve()), cfg.data.image_size,
-                      cfg.data.augment, cfg.baseline.epochs, cfg.baseline.lr, cfg.seed])
+                      cfg.data.augment, cfg.baseline.epochs, cfg.baseline.lr, cfg.baseline.warmup_epochs, cfg.seed])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.output_dir) / "baseline" / f"{cfg.model.arch}-{digest}.safetensors"
 
@@ -281,7 +281,8 @@ def run_pretrain(cfg: Config, report: Reporter | None = None) -> Path:
         build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed),
     )
     model = build_model(cfg.model.arch, loaders[0].num_classes, cfg.model.weights).to(info.device)
-    cfg_b = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": cfg.baseline.lr})})
+    cfg_b = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"lr": cfg.baseline.lr, "warmup_epochs": cfg.baseline.warmup_epochs})})
 
     def after_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
         report({"epoch": epoch + 1, "phase": "baseline", **stats,

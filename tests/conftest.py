@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """scikit-learn's real digits as WebDataset shards, written once per test session."""
+    from pipeline.data.convert import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root, image_size=16, per_shard=128)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    from pipeline.data.convert import write_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(root, num_classes=4, image_size=16, train_samples=96, val_samples=32, per_shard=16)
+    return root

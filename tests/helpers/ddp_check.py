@@ -1,0 +1,66 @@
+"""Run under `torchrun --standalone --nproc_per_node=2`: trains a few DDP steps and writes what
+each rank holds (parameter checksums, gradients, every method's masks) for the test to compare."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from methods import get_method_class, method_names  # noqa: E402
+from pipeline.config import DataConfig  # noqa: E402
+from pipeline.data.loaders import build_loader  # noqa: E402
+from pipeline.distributed import assert_same_on_all_ranks, init_distributed  # noqa: E402
+from pipeline.engine import make_optimizer, train_epoch, unwrap, wrap_ddp  # noqa: E402
+from pipeline.surgery import find_groups  # noqa: E402
+
+
+def main(out: str, data_root: str) -> None:
+    info = init_distributed()
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
+    loader = build_loader(cfg, "train", info.rank, info.world, info.device, seed=0)
+    ddp = wrap_ddp(model, info)
+    opt = make_optimizer(ddp, 0.05, 0.9, True, 1e-4)
+    stats = train_epoch(ddp, loader, opt, None, info)
+    net = unwrap(ddp)
+    flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+    gathered = [torch.zeros_like(flat) for _ in range(info.world)]
+    dist.all_gather(gathered, flat)
+    ggrads = [torch.zeros_like(grads) for _ in range(info.world)]
+    dist.all_gather(ggrads, grads)
+    groups = find_groups(net, 16, "inner")
+    masks_ok = {}
+    for name in method_names():
+        method = get_method_class(name)(groups, 0.5, seed=0)
+        if method.training_aware:
+            method.on_train_start(net)
+        masks = method.keep_masks(net)
+        assert_same_on_all_ranks(masks, info)  # raises if ranks disagree
+        flat_m = torch.cat([masks[k].to(torch.float32) for k in sorted(masks)])
+        gm = [torch.zeros_like(flat_m) for _ in range(info.world)]
+        dist.all_gather(gm, flat_m)
+        masks_ok[name] = all(torch.equal(gm[0], g) for g in gm)
+    if info.is_main:
+        Path(out).write_text(json.dumps({
+            "world": info.world,
+            "weights_equal": all(torch.equal(gathered[0], g) for g in gathered),
+            "grads_equal": all(torch.allclose(ggrads[0], g, atol=1e-7) for g in ggrads),
+            "grad_diff": max((ggrads[0] - g).abs().max().item() for g in ggrads), "grad_max": ggrads[0].abs().max().item(), "n": [g.numel() for g in ggrads],
+            "trained": not torch.equal(flat, torch.cat([p.flatten() for p in torchvision.models.resnet18(num_classes=10).parameters()])),
+            "samples_seen": loader._dataset.rank_count(),
+            "train_top1": stats["train_top1"],
+            "masks_equal": masks_ok,
+        }))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
