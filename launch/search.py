@@ -26,15 +26,18 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner asks its State API whether a
+    # trial's controller has ended; without it every finished trial leaks its placement group
+    # and, once the logical CPUs are all held, the next trial waits forever.
     s = cfg.search
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False, configure_logging=False)
+        ray.init(configure_logging=False)
         return
     # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
     # fit, and the last trial's placement group is released a little after it ends; with an
     # exact fit the next trial's worker group waits for it until it times out.
     need = s.max_concurrent * (1 + math.ceil(s.num_workers * s.cpus_per_worker))
-    ray.init(num_cpus=s.ray_num_cpus or max(8, 2 * need, os.cpu_count() or 1), include_dashboard=False,
+    ray.init(num_cpus=s.ray_num_cpus or max(8, 2 * need, os.cpu_count() or 1),
              configure_logging=False)
 
 
@@ -71,7 +74,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     final = run_trial(cfg, report=report, run_name=loop_config["trial_name"])
-    report({**final, "done": 1})
+    report({**final, "final": 1})  # "done" is Tune's own key
 
 
 def _trial_driver(tune_config: dict[str, Any]) -> None:
@@ -104,7 +107,12 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
-    trainer.fit()
+    result = trainer.fit()
+    # TuneReportCallback hands results over through a one-slot queue that is not drained once
+    # this function returns: the last reports of a trial were seen lost. The trainer's own
+    # Result holds rank 0's last report, so hand that to Tune directly.
+    if result.metrics and result.metrics.get("final"):
+        tune.report(dict(result.metrics))
 
 
 def run_search(cfg: Config) -> dict[str, Any]:
@@ -124,8 +132,10 @@ def run_search(cfg: Config) -> dict[str, Any]:
         tune_config=tune.TuneConfig(
             metric=s.metric,
             mode="max",
+            # stop_last_trials=False: a trial that reaches the last epoch must live on to save
+            # and log its model; ASHA still cuts weak trials at the rungs before that
             scheduler=ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(s.grace_period, max_t),
-                                    reduction_factor=s.reduction_factor),
+                                    reduction_factor=s.reduction_factor, stop_last_trials=False),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent,
         ),
@@ -141,7 +151,7 @@ def run_search(cfg: Config) -> dict[str, Any]:
                 "trial": str(m.get("trial_id", "?")),
                 "method": conf.get("prune.method", cfg.prune.method),
                 "ratio": conf.get("prune.prune_ratio", cfg.prune.prune_ratio),
-                "status": "done" if m.get("done") else ("error" if result.error else "stopped"),
+                "status": "done" if m.get("final") else ("error" if result.error else "stopped"),
                 **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
                                          "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s")},
             }

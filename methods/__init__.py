@@ -3,6 +3,9 @@
 Importing this package registers every built-in method.
 """
 
+# Registration happens on import: each module decorates its class with @register_method.
+from methods import norm as _norm  # noqa: E402,F401
+from methods import sfp as _sfp  # noqa: E402,F401
 from methods.base import (
     Method,
     get_method_class,
@@ -10,9 +13,5 @@ from methods.base import (
     method_names,
     register_method,
 )
-
-# Registration happens on import: each module decorates its class with @register_method.
-from methods import norm as _norm  # noqa: E402,F401
-from methods import sfp as _sfp  # noqa: E402,F401
 
 __all__ = ["Method", "get_method_class", "keep_count", "method_names", "register_method"]

@@ -19,7 +19,6 @@ from pipeline.distributed import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:
     from methods.base import Method
-    from pipeline.config import TrainConfig
     from pipeline.data.loaders import Loader
 
 

@@ -1,0 +1,38 @@
+# The two commands:  make demo   |   make test
+# Each creates the virtual environment (.venv) first when it is missing or out of date.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DIGITS := data/digits/dataset.json
+
+.PHONY: setup demo test test-fast lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DIGITS): | $(STAMP)
+	$(VENV)/bin/prunepipe data digits --out data/digits
+
+# A small CPU search: dense baseline, 4 trials x 2 DDP workers, a registered model and a table.
+demo: $(STAMP) $(DIGITS)
+	$(VENV)/bin/prunepipe search configs/demo.yaml
+
+# The whole suite, slow multi-process tests (torchrun, Ray) included.
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=8
+
+# Without the multi-process tests, for a quick loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline methods launch tests benchmarks
+
+clean:
+	rm -rf runs data .pytest_cache
