@@ -8,10 +8,11 @@ from methods import norm as _norm  # noqa: E402,F401
 from methods import sfp as _sfp  # noqa: E402,F401
 from methods.base import (
     Method,
+    SelectContext,
     get_method_class,
     keep_count,
     method_names,
     register_method,
 )
 
-__all__ = ["Method", "get_method_class", "keep_count", "method_names", "register_method"]
+__all__ = ["Method", "SelectContext", "get_method_class", "keep_count", "method_names", "register_method"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from torch import nn
 
+    from pipeline.distributed import DistInfo
     from pipeline.surgery import ChannelGroup
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -65,8 +67,23 @@ def keep_count(n: int, prune_ratio: float, round_to: int = 1, channel_groups: in
     return max(1, min(n, keep))
 
 
+@dataclass
+class SelectContext:
+    """What a method may use when it decides: the rank layout and calibration data."""
+
+    info: DistInfo | None = None
+    # this rank's share of a fixed calibration set (methods with ``calibration_samples``)
+    calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    image_size: int = 224
+
+
 class Method(ABC):
-    """Base class of every pruning method. Subclass, set ``name``, decorate with @register_method."""
+    """Base class of every pruning method. Subclass, set ``name``, decorate with @register_method.
+
+    Life cycle, as the recipe calls it: ``prepare`` (add layers, rescale) → pruning-phase
+    epochs with ``loss_term`` / ``after_step`` / ``on_epoch_end`` → ``keep_masks`` →
+    ``finalize`` (remove added layers, fold constant channels) → surgery.
+    """
 
     name: ClassVar[str] = ""
     training_aware: ClassVar[bool] = False
@@ -85,6 +102,18 @@ class Method(ABC):
         self.round_to = round_to
         self.options = self.Options(**(options or {}))
         self.seed = seed
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Modify the dense model in place before the pruning phase (insert gates, rescale)."""
+
+    def calibration_samples(self) -> int:
+        """Size of the fixed calibration set :meth:`keep_masks` needs (0: none)."""
+        return 0
+
+    def optimizer_overrides(self) -> dict[str, Any]:
+        """Pruning-phase optimizer settings the method insists on (e.g. no momentum for ISTA)."""
+        return {}
 
     # --- hooks of the pruning phase (training-aware methods) -------------------------------
     def on_train_start(self, model: nn.Module) -> None:
@@ -109,8 +138,16 @@ class Method(ABC):
 
     # --- the decision ------------------------------------------------------------------------
     @abstractmethod
-    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         """Final keep-mask per channel group (True = keep)."""
+
+    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        """Undo :meth:`prepare` in place so that the plain architecture is left for surgery,
+        folding whatever a pruned channel still contributes (a constant) into the next layer."""
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers worth reporting about the decision (δ found, loss evaluations, per-group rates)."""
+        return {}
 
     def n_keep(self, group: ChannelGroup) -> int:
         return keep_count(group.size, self.prune_ratio, self.round_to, group.channel_groups)

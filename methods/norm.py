@@ -8,14 +8,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from methods.base import Method, register_method
+from methods.base import Method, SelectContext, register_method
 from pipeline.surgery import filter_norms, structured_topk
 
 
 class _NormMethod(Method):
     p: int = 2
 
-    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         return {
             g.name: structured_topk(filter_norms(model, g, self.p), self.n_keep(g), g.channel_groups) for g in self.groups
         }
@@ -49,7 +49,7 @@ class RandomChannels(Method):
     name = "random"
     Options = RandomOptions
 
-    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         seed = self.options.seed if self.options.seed is not None else self.seed
         gen = torch.Generator().manual_seed(seed)
         return {

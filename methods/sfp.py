@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import Method, register_method
+from methods.base import Method, SelectContext, register_method
 from pipeline.surgery import apply_masks, filter_norms, structured_topk
 
 
@@ -58,7 +58,7 @@ class SoftFilterPruning(Method):
     def load_state(self, state: dict[str, Any]) -> None:
         self.masks = {k.removeprefix("mask."): v for k, v in state.items() if k.startswith("mask.")}
 
-    def keep_masks(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         # After the last epoch's soft step the zeroed filters have norm 0, so re-selecting gives
         # the same masks; selecting afresh also covers a run with zero pruning epochs.
         return self.masks or self._select(model)

@@ -60,7 +60,9 @@ class PruneConfig(_Strict):
     scope: Literal["inner", "all"] = "inner"  # "all" also prunes the residual streams
     round_to: int = Field(1, ge=1, le=128)  # kept widths rounded to a multiple (8 on tensor cores)
     epochs: int = Field(0, ge=0)  # pruning-phase epochs of a training-aware method
-    options: dict[str, Any] = Field(default_factory=dict)  # method knobs, validated by the method
+    # method knobs, per method: {sfp: {...}, lossvar: {delta: 0.05}}. Namespaced so that a search
+    # choosing among methods can also tune one method's knobs.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class TrainConfig(_Strict):
@@ -146,15 +148,22 @@ class Config(_Strict):
         from methods import get_method_class, method_names
 
         try:
-            cls = get_method_class(self.prune.method)
+            get_method_class(self.prune.method)
         except KeyError:
             raise ValueError(
                 f"prune.method: unknown method {self.prune.method!r}; allowed: {', '.join(method_names())}"
             ) from None
-        try:
-            cls.Options(**self.prune.options)
-        except ValidationError as err:
-            raise ValueError(_format(err, prefix="prune.options.")) from None
+        for name, opts in self.prune.options.items():
+            try:
+                other = get_method_class(name)
+            except KeyError:
+                raise ValueError(
+                    f"prune.options.{name}: unknown method; allowed: {', '.join(method_names())}"
+                ) from None
+            try:
+                other.Options(**opts)
+            except ValidationError as err:
+                raise ValueError(_format(err, prefix=f"prune.options.{name}.")) from None
         for key in self.search.space:
             _check_dotted_key(key)
         return self

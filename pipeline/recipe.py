@@ -112,7 +112,7 @@ def _train_phase(
     cfg: Config,
     info: DistInfo,
     loaders: tuple,
-    on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer], dict[str, Any]],
+    on_epoch: Callable[[int, nn.Module, torch.optim.Optimizer, dict[str, float]], None],
     method=None,
     optimizer_state: dict | None = None,
     desc: str = "train",
@@ -165,7 +165,7 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     dense = copy.deepcopy(model).eval()
     groups = find_groups(model, size, cfg.prune.scope)
     method = get_method_class(cfg.prune.method)(
-        groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options, seed=cfg.seed
+        groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options.get(cfg.prune.method), seed=cfg.seed
     )
     log = _TrialLog(cfg, info, run_name or cfg.name)
     resume = load_checkpoint(ckpt_path)
