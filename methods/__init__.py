@@ -4,8 +4,13 @@ Importing this package registers every built-in method.
 """
 
 # Registration happens on import: each module decorates its class with @register_method.
+from methods import abp as _abp  # noqa: E402,F401
+from methods import autopruner as _autopruner  # noqa: E402,F401
+from methods import ista as _ista  # noqa: E402,F401
+from methods import lossvar as _lossvar  # noqa: E402,F401
 from methods import norm as _norm  # noqa: E402,F401
 from methods import sfp as _sfp  # noqa: E402,F401
+from methods import tp_peers as _tp_peers  # noqa: E402,F401
 from methods.base import (
     Method,
     SelectContext,

@@ -87,6 +87,7 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     training_aware: ClassVar[bool] = False
+    uniform_rate: ClassVar[bool] = True  # False: per-group rates of its own (lossvar)
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(
@@ -96,12 +97,14 @@ class Method(ABC):
         round_to: int = 1,
         options: dict[str, Any] | None = None,
         seed: int = 0,
+        image_size: int = 224,
     ) -> None:
         self.groups = groups
         self.prune_ratio = prune_ratio
         self.round_to = round_to
         self.options = self.Options(**(options or {}))
         self.seed = seed
+        self.image_size = image_size
 
     # --- set-up ---------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -112,12 +115,16 @@ class Method(ABC):
         return 0
 
     def optimizer_overrides(self) -> dict[str, Any]:
-        """Pruning-phase optimizer settings the method insists on (e.g. no momentum for ISTA)."""
+        """Pruning-phase SGD settings the method insists on, e.g. ``{"momentum": 0.0}`` for ISTA."""
+        return {}
+
+    def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]:
+        """Learning-rate multipliers for the method's own parameters (gate scores...)."""
         return {}
 
     # --- hooks of the pruning phase (training-aware methods) -------------------------------
-    def on_train_start(self, model: nn.Module) -> None:
-        """Called once before the pruning-phase epochs."""
+    def on_train_start(self, model: nn.Module, steps_per_epoch: int = 0, epochs: int = 0) -> None:
+        """Called once before the pruning-phase epochs (schedules need their length)."""
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         """An extra loss added to the task loss at each step (sparsity, budget...)."""

@@ -46,7 +46,7 @@ class SoftFilterPruning(Method):
         self.masks = self._select(model)
         apply_masks(model, self.groups, self.masks, zero_norm=False)
 
-    def on_train_start(self, model: nn.Module) -> None:
+    def on_train_start(self, model: nn.Module, steps_per_epoch: int = 0, epochs: int = 0) -> None:
         self.soft_prune(model)
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:

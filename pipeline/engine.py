@@ -50,13 +50,30 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> torch.optim.SGD:
-    """SGD with weight decay on conv/linear weights only (not on BN scales and biases)."""
-    decay, no_decay = [], []
+def make_optimizer(
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    lr_scales: dict[nn.Parameter, float] | None = None,
+) -> torch.optim.SGD:
+    """SGD with weight decay on conv/linear weights only (not on BN scales and biases).
+
+    ``lr_scales`` gives some parameters (a method's gate scores) their own learning rate;
+    schedules scale every group alike, so the ratio holds.
+    """
+    lr_scales = lr_scales or {}
+    decay, no_decay, scaled = [], [], {}
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if p in lr_scales:
+            scaled.setdefault(lr_scales[p], []).append(p)
+        else:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr * k} for k, ps in scaled.items()]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods import get_method_class
+from methods import SelectContext, get_method_class
 from pipeline import registry
 from pipeline.config import Config, config_to_dict, flatten
-from pipeline.data.loaders import build_loader
+from pipeline.data.loaders import build_loader, calibration_set
 from pipeline.distributed import DistInfo, assert_same_on_all_ranks, barrier, broadcast_object, init_distributed
 from pipeline.engine import (
     amp_dtype,
@@ -121,7 +121,10 @@ def _train_phase(
     train_loader, _ = loaders
     cl = use_channels_last(cfg.train.channels_last, info.device)
     ddp = wrap_ddp(model, info, channels_last=cl)
-    opt = make_optimizer(ddp, cfg.train.lr, cfg.train.momentum, cfg.train.nesterov, cfg.train.weight_decay)
+    sgd = {"momentum": cfg.train.momentum, "nesterov": cfg.train.nesterov, "weight_decay": cfg.train.weight_decay}
+    if method is not None:
+        sgd.update(method.optimizer_overrides())
+    opt = make_optimizer(ddp, cfg.train.lr, lr_scales=method.lr_scales(model) if method is not None else None, **sgd)
     steps = max(1, len(train_loader)) * total_epochs
     sched = cosine_schedule(opt, steps, cfg.train.warmup_epochs * len(train_loader))
     if optimizer_state is not None:
@@ -165,7 +168,8 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     dense = copy.deepcopy(model).eval()
     groups = find_groups(model, size, cfg.prune.scope)
     method = get_method_class(cfg.prune.method)(
-        groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options.get(cfg.prune.method), seed=cfg.seed
+        groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options.get(cfg.prune.method), seed=cfg.seed,
+        image_size=size,
     )
     log = _TrialLog(cfg, info, run_name or cfg.name)
     resume = load_checkpoint(ckpt_path)
@@ -185,13 +189,14 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     else:
         summary = {f"dense_{k}": v for k, v in eval_now(model).items()}
         # --- pruning phase (training-aware methods) ----------------------------------------
+        method.prepare(model)  # gates, attention layers, rescaling: before DDP and before resuming
         first = 0
         if resume is not None and resume["phase"] == "prune":
             model.load_state_dict(resume["model"])
             method.load_state(resume["method"])
             first = int(resume["epoch"])
         elif prune_epochs:
-            method.on_train_start(model)
+            method.on_train_start(model, steps_per_epoch=len(loaders[0]), epochs=prune_epochs)
 
         def after_prune_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
             method.on_epoch_end(net, epoch)
@@ -210,8 +215,13 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
                          method=method, optimizer_state=resume.get("optimizer") if resume else None, desc="prune")
 
         # --- select and cut --------------------------------------------------------------------
-        masks = method.keep_masks(model)
+        ctx = SelectContext(info=info, image_size=size)
+        if method.calibration_samples():
+            ctx.calib = calibration_set(cfg.data, method.calibration_samples(), info.rank, info.world, info.device)
+        masks = method.keep_masks(model, ctx)
         assert_same_on_all_ranks(masks, info)
+        method.finalize(model, masks)  # back to the plain architecture, constants folded
+        summary.update({f"method_{k}": v for k, v in method.summary().items() if isinstance(v, int | float)})
         apply_masks(model, groups, masks)
         prune_model(model, groups, masks, size)
         summary.update({f"pruned_{k}": v for k, v in eval_now(model).items()})  # before any fine-tune
@@ -244,7 +254,8 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     model_dir = out / "model"
     plot = None
     if info.is_main:
-        spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)})
+        spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)},
+                    method_summary=method.summary())
         save_pruned(unwrap(model), model_dir, spec)
         if masks is not None:
             dense_w = {g.name: g.size for g in groups}

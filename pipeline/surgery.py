@@ -35,7 +35,8 @@ class ChannelGroup:
     consumers: list[str]  # convs / linears whose INPUT channels are the group
     channel_groups: int = 1  # >1 when a grouped conv touches the group (ResNeXt)
     residual: bool = False
-    extra: dict = field(default_factory=dict)
+    # consumer conv → the BatchNorm right after it (where a constant channel is folded)
+    next_norm: dict[str, str] = field(default_factory=dict)
 
 
 def example_input(image_size: int, batch: int = 1, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -91,6 +92,13 @@ def find_groups(model: nn.Module, image_size: int, scope: str = "inner") -> list
             continue
         root = names[group[0].dep.target.module]
         size = model.get_submodule(root).out_channels
+        next_norm = {}
+        for c in consumers:
+            node = dg.module2node.get(model.get_submodule(c))
+            following = [o.module for o in (node.outputs if node is not None else [])]
+            bns = [names[m] for m in following if isinstance(m, nn.modules.batchnorm._BatchNorm) and m in names]
+            if len(bns) == 1:
+                next_norm[c] = bns[0]
         residual = len(producers) > 1 or len(consumers) != 1
         if scope == "inner" and residual:
             continue
@@ -103,6 +111,7 @@ def find_groups(model: nn.Module, image_size: int, scope: str = "inner") -> list
                 consumers=sorted(set(consumers)),
                 channel_groups=cgroups,
                 residual=residual,
+                next_norm=next_norm,
             )
         )
     groups.sort(key=lambda g: list(names.values()).index(g.name))
@@ -135,6 +144,46 @@ def filter_norms(model: nn.Module, group: ChannelGroup, p: int = 2) -> torch.Ten
         w = model.get_submodule(name).weight.detach()
         total += w.flatten(1).norm(p=p, dim=1).double().cpu()
     return total
+
+
+def macs_profile(model: nn.Module, image_size: int) -> dict[str, int]:
+    """MACs of every conv and linear of one forward pass, by module name."""
+    profile: dict[str, int] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            def hook(mod, _inp, out, name=name):
+                per_out = (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1] \
+                    if isinstance(mod, nn.Conv2d) else mod.in_features
+                profile[name] = out.numel() // out.shape[0] * per_out
+            handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(image_size, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return profile
+
+
+def macs_after(profile: dict[str, int], groups: list[ChannelGroup], kept: dict[str, int]) -> float:
+    """MACs once each group keeps ``kept[name]`` channels, without cutting anything.
+
+    A conv's MACs scale with the kept fraction of its input group and of its output group
+    (``in/groups`` shrinks the same way for a grouped conv, since masks are group-structured).
+    """
+    frac_in: dict[str, float] = {}
+    frac_out: dict[str, float] = {}
+    for g in groups:
+        f = kept.get(g.name, g.size) / g.size
+        for p in g.producers:
+            frac_out[p] = f
+        for c in g.consumers:
+            frac_in[c] = f
+    return sum(m * frac_in.get(n, 1.0) * frac_out.get(n, 1.0) for n, m in profile.items())
 
 
 def validate_masks(groups: list[ChannelGroup], masks: dict[str, torch.Tensor]) -> None:

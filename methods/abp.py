@@ -1,0 +1,119 @@
+"""Adding Before Pruning (ABP) — Tian et al., IEEE TNNLS 2021 (METHODS.md §4).
+
+Only the abstract is available; this is the project's reconstruction. After the BN of every
+inner channel group, an attention layer with one learnable score s_c per channel multiplies
+channel c by the hard binary b_c = 1[s_c > 0].
+
+Straight-through estimator: the forward uses the hard b; the backward uses the gradient of the
+smooth surrogate σ(s/τ), i.e. ∂L/∂s_c = ∂L/∂b_c · σ(s_c/τ)(1 − σ(s_c/τ)) / τ. Because
+∂L/∂b_c = Σ (∂L/∂y ⊙ x_c) does not vanish when b_c = 0, a switched-off channel keeps getting
+gradient and can switch back on ("recoverability").
+
+Budget: Σ_l ``budget_weight`` · (mean_c σ(s_c/τ) − keep)², keep = 1 − prune_ratio, pushes each
+layer's (surrogate) kept fraction towards the target. Scores train with their own learning
+rate (``score_lr_scale`` × the base lr): a score's gradient is divided by the channel count
+through the mean, and without a larger step the budget would take far longer than a
+fine-tuning budget allows.
+
+Project choice, as for AutoPruner: ``exact_budget: true`` (default) keeps exactly the configured
+count per layer, ranked by score, so methods compare at equal MACs; ``false`` keeps b = 1.
+At the end the attention layers are removed and channels with b = 0 are cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from methods import gates
+from methods.base import Method, SelectContext, register_method
+from pipeline.surgery import structured_topk
+
+
+class ABPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tau: float = Field(1.0, gt=0)
+    init: float = Field(1.0)  # initial score: > 0, every channel starts on
+    budget_weight: float = Field(5.0, ge=0)
+    score_lr_scale: float = Field(100.0, gt=0)
+    exact_budget: bool = True
+
+
+class _HardBinary(torch.autograd.Function):
+    """b = 1[s > 0]; backward through σ(s/τ) (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, score: torch.Tensor, tau: float) -> torch.Tensor:
+        ctx.save_for_backward(score)
+        ctx.tau = tau
+        return (score > 0).to(score.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (score,) = ctx.saved_tensors
+        sig = torch.sigmoid(score / ctx.tau)
+        return grad * sig * (1 - sig) / ctx.tau, None
+
+
+class BinaryAttention(nn.Module):
+    def __init__(self, channels: int, tau: float, init: float) -> None:
+        super().__init__()
+        self.score = nn.Parameter(torch.full((channels,), float(init)))
+        self.tau = tau
+
+    def mask(self) -> torch.Tensor:
+        return _HardBinary.apply(self.score, self.tau)
+
+    def surrogate(self) -> torch.Tensor:
+        return torch.sigmoid(self.score / self.tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask().view(1, -1, 1, 1).to(x.dtype)
+
+
+@register_method
+class AddingBeforePruning(Method):
+    name = "abp"
+    training_aware = True
+    Options = ABPOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for g in self.groups:
+            gates.single_norm(g, self.name)
+
+    def prepare(self, model: nn.Module) -> None:
+        for g in self.groups:
+            gates.insert(model, g, BinaryAttention(g.size, self.options.tau, self.options.init), self.name)
+
+    def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]:
+        return {att.score: self.options.score_lr_scale for _, att in gates.layers(model, self.groups)}
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        keep = 1.0 - self.prune_ratio
+        terms = [(att.surrogate().mean() - keep) ** 2 for _, att in gates.layers(model, self.groups)]
+        return self.options.budget_weight * torch.stack(terms).sum() if terms else None
+
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        masks = {}
+        self.on_fraction = {}
+        for g, att in gates.layers(model, self.groups):
+            score = att.score.detach().double().cpu()
+            self.on_fraction[g.name] = float((score > 0).double().mean())
+            if self.options.exact_budget:
+                k = self.n_keep(g)
+            else:
+                k = max(g.channel_groups, int((score > 0).sum()))
+            masks[g.name] = structured_topk(score, k, g.channel_groups)
+        return masks
+
+    def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        gates.remove(model, self.groups)
+
+    def summary(self) -> dict[str, Any]:
+        on = getattr(self, "on_fraction", {})
+        # the fraction of channels with b = 1 at the end, against the budget keep = 1 - ratio
+        return {"mean_b": sum(on.values()) / len(on)} if on else {}

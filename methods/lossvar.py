@@ -1,0 +1,215 @@
+"""Balanced filter pruning at a preset loss variation — Li et al., 2020 (arXiv 2010.06821),
+METHODS.md §3. One-shot, layer-wise rates, no prune-retrain loop.
+
+Only the abstract is available; the project's reconstruction:
+
+- A fixed calibration set (the first ``calib_samples`` training images, no augmentation) and
+  its dense loss L0, the model in eval mode.
+- Per channel group, independently: channels ranked by the criterion (L1 norm of the
+  producing filters by default); binary search of the largest k such that masking the k
+  weakest channels of that group alone raises the calibration loss by at most δ:
+  L(k) − L0 ≤ δ. k / N is the group's rate. The binary search assumes L(k) grows with k; it
+  need not, but for larger δ every comparison can only turn true, so the rate found is
+  monotone in δ whatever the curve (tested).
+- With neither δ nor a target, the target is the MACs reduction that the uniform
+  ``prune_ratio`` gives (so it compares with the uniform baselines at equal MACs).
+- Given ``target_macs_reduction`` instead of δ: bisection on log δ until the MACs reduction
+  of the resulting rates is within ``tolerance`` of the target (MACs reduction is monotone
+  in δ). Loss evaluations are cached by (group, k), and the number of real evaluations is
+  reported, with δ and the per-group rates.
+- Loss evaluations are data-parallel: each rank sums the loss over its share of the
+  calibration set and the sums are all-reduced (float64), so every rank takes the same
+  decisions and one rank or two give the same rates.
+All rates are applied at once, then the recipe cuts and fine-tunes once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from methods.base import Method, SelectContext, register_method
+from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile
+
+
+class LossVarOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    delta: float | None = Field(None, gt=0)  # δ: allowed rise of the calibration loss per group
+    target_macs_reduction: float | None = Field(None, gt=0, lt=1)  # or: search δ for this
+    calib_samples: int = Field(256, ge=1)
+    criterion: str = Field("l1", pattern="^(l1|l2)$")
+    tolerance: float = Field(0.01, gt=0, lt=1)  # |reduction − target| accepted
+    max_iters: int = Field(40, ge=1)
+    min_keep: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> LossVarOptions:
+        if self.delta is not None and self.target_macs_reduction is not None:
+            raise ValueError("give one of delta, target_macs_reduction, not both")
+        return self
+
+
+@register_method
+class LossVariation(Method):
+    name = "lossvar"
+    Options = LossVarOptions
+    uniform_rate = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cache: dict[tuple[str, int], float] = {}
+        self.evaluations = 0
+        self.delta_found: float | None = None
+        self.rates: dict[str, float] = {}
+        self.reduction: float | None = None
+
+    def calibration_samples(self) -> int:
+        return self.options.calib_samples
+
+    # --- the calibration loss ----------------------------------------------------------------
+    @torch.no_grad()
+    def _loss(self, model: nn.Module, ctx: SelectContext) -> float:
+        self.evaluations += 1
+        device = next(model.parameters()).device
+        acc = torch.zeros(2, dtype=torch.float64, device=device)
+        for x, y in ctx.calib:
+            acc[0] += F.cross_entropy(model(x).float(), y, reduction="sum").double()
+            acc[1] += y.numel()
+        if ctx.info is not None and ctx.info.distributed:
+            dist.all_reduce(acc)
+        return float(acc[0] / acc[1].clamp_min(1))
+
+    @torch.no_grad()
+    def _loss_masked(self, model: nn.Module, ctx: SelectContext, g: ChannelGroup, order: torch.Tensor, k: int) -> float:
+        """Calibration loss with the k weakest channels of ``g`` masked (filters, γ, β), restored after."""
+        key = (g.name, k)
+        if key not in self._cache:
+            drop = order[:k]
+            saved = []
+            for name in g.producers + g.norms:
+                m = model.get_submodule(name)
+                for p in (m.weight, m.bias):
+                    if p is not None:
+                        saved.append((p, p[drop].clone()))
+                        p[drop] = 0
+            try:
+                self._cache[key] = self._loss(model, ctx)
+            finally:
+                for p, old in saved:
+                    p[drop] = old
+        return self._cache[key]
+
+    def _orders(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        p = 1 if self.options.criterion == "l1" else 2
+        out = {}
+        for g in self.groups:
+            # weakest first; for grouped convs whole positions go together (group-structured)
+            scores = filter_norms(model, g, p)
+            if g.channel_groups > 1:
+                pos = scores.view(g.channel_groups, -1).sum(0)
+                w = pos.numel()
+                pos_order = torch.argsort(pos, stable=True)
+                out[g.name] = torch.stack([pos_order + gi * w for gi in range(g.channel_groups)], 1).flatten()
+            else:
+                out[g.name] = torch.argsort(scores, stable=True)
+        return out
+
+    def _k_for(self, model, ctx, g, order, delta: float, base: float) -> int:
+        """Largest k (channels masked) with L(k) − L0 ≤ δ, by binary search."""
+        step = g.channel_groups  # grouped convs lose whole positions: one per conv group
+        hi_units = (g.size - max(self.options.min_keep, step)) // step
+        lo, hi = 0, hi_units
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self._loss_masked(model, ctx, g, order, mid * step) - base <= delta:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * step
+
+    def _rates_for(self, model, ctx, orders, delta: float, base: float) -> dict[str, int]:
+        return {g.name: self._k_for(model, ctx, g, orders[g.name], delta, base) for g in self.groups}
+
+    # --- the decision ------------------------------------------------------------------------
+    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        if ctx is None or not ctx.calib:
+            raise ValueError("lossvar needs a calibration set (SelectContext.calib)")
+        was_training = model.training
+        model.eval()
+        try:
+            base = self._loss(model, ctx)
+            orders = self._orders(model)
+            if self.options.delta is not None:
+                delta = self.options.delta
+                pruned = self._rates_for(model, ctx, orders, delta, base)
+            else:
+                delta, pruned = self._search_delta(model, ctx, orders, base)
+        finally:
+            model.train(was_training)
+        self.delta_found = delta
+        self.rates = {g.name: pruned[g.name] / g.size for g in self.groups}
+        masks = {}
+        for g in self.groups:
+            mask = torch.ones(g.size, dtype=torch.bool)
+            mask[orders[g.name][: pruned[g.name]]] = False
+            masks[g.name] = mask
+        return masks
+
+    def _reduction(self, profile, dense: float, pruned: dict[str, int]) -> float:
+        kept = {g.name: g.size - pruned[g.name] for g in self.groups}
+        return 1.0 - macs_after(profile, self.groups, kept) / dense
+
+    def _search_delta(self, model, ctx, orders, base) -> tuple[float, dict[str, int]]:
+        tol = self.options.tolerance
+        profile = macs_profile(model, ctx.image_size)
+        dense = float(sum(profile.values()))
+        target = self.options.target_macs_reduction
+        if target is None:  # the uniform prune_ratio's reduction
+            uniform = {g.name: self.n_keep(g) for g in self.groups}
+            target = 1.0 - macs_after(profile, self.groups, uniform) / dense
+        self.target = target
+        tried: list[tuple[float, float, dict[str, int]]] = []
+
+        def attempt(delta: float) -> float:
+            pruned = self._rates_for(model, ctx, orders, delta, base)
+            red = self._reduction(profile, dense, pruned)
+            tried.append((delta, red, pruned))
+            return red
+
+        # bracket: grow δ until the target is reached (or the loss has nothing more to give)
+        lo, hi = 0.0, 1e-3
+        for _ in range(self.options.max_iters):
+            red = attempt(hi)
+            if red >= target - tol:
+                break
+            lo, hi = hi, hi * 4
+        # bisection in log δ
+        for _ in range(self.options.max_iters):
+            best = min(tried, key=lambda t: abs(t[1] - target))
+            if abs(best[1] - target) <= tol or lo == hi:
+                break
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
+            red = attempt(mid)
+            if red < target:
+                lo = mid
+            else:
+                hi = mid
+            if hi / max(lo, 1e-300) < 1 + 1e-9:
+                break
+        delta, red, pruned = min(tried, key=lambda t: abs(t[1] - target))
+        self.reduction = red
+        return delta, pruned
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss_evaluations": self.evaluations, "rates": self.rates}
+        if self.delta_found is not None:
+            out["delta"] = self.delta_found
+        if self.reduction is not None:
+            out["macs_reduction_found"] = self.reduction
+        return out

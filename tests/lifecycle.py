@@ -1,0 +1,51 @@
+"""Drive a method through the recipe's life cycle on a small model (shared by the tests)."""
+
+import copy
+
+import torch
+
+from methods import SelectContext, get_method_class
+from pipeline.surgery import apply_masks, find_groups, prune_model
+
+
+def calib(n=32, size=32, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))]
+
+
+def run_lifecycle(name, model, ratio=0.4, steps=3, size=32, options=None, lr=0.01, seed=1):
+    """prepare → a few training steps → keep_masks → finalize; returns (method, groups, masks)."""
+    torch.manual_seed(seed)  # as every rank is seeded alike before prepare()
+    groups = find_groups(model, size, "inner")
+    method = get_method_class(name)(groups, ratio, round_to=1, options=options, seed=seed, image_size=size)
+    method.prepare(model)
+    if method.training_aware and steps:
+        method.on_train_start(model, steps_per_epoch=steps, epochs=1)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=method.optimizer_overrides().get("momentum", 0.9))
+        model.train()
+        data = calib(16, size, seed=seed)
+        for _ in range(steps):
+            x, y = data[0]
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            extra = method.loss_term(model)
+            if extra is not None:
+                loss = loss + extra
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            method.after_step(model, opt)
+    model.eval()
+    masks = method.keep_masks(model, SelectContext(calib=calib(size=size), image_size=size))
+    method.finalize(model, masks)
+    return method, groups, masks
+
+
+def cut_equals_masked(model, groups, masks, size=32, rel=1e-5):
+    masked = copy.deepcopy(model).eval()
+    apply_masks(masked, groups, masks)
+    pruned = prune_model(copy.deepcopy(masked), groups, masks, size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ref = masked(x)
+        err = (ref - pruned(x)).abs().max() / ref.abs().max().clamp_min(1e-6)
+    return float(err) < rel
