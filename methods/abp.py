@@ -1,16 +1,21 @@
 """Adding Before Pruning (ABP) — Tian et al., IEEE TNNLS 2021 (METHODS.md §4).
 
-Only the abstract is available; this is the project's reconstruction. After the BN of every
-inner channel group, an attention layer with one learnable score s_c per channel multiplies
-channel c by the hard binary b_c = 1[s_c > 0].
+Only the abstract is available; this is the project's reconstruction. After the BN (and ReLU)
+of every inner channel group, an attention layer with one learnable score s_c per channel
+multiplies channel c by the hard binary b_c = 1[s_c > 0]. It sits on the input of the group's
+consuming conv: placed before the ReLU, an off channel would meet ReLU's zero gradient at 0
+and could never come back (``methods.gates``).
 
 Straight-through estimator: the forward uses the hard b; the backward uses the gradient of the
 smooth surrogate σ(s/τ), i.e. ∂L/∂s_c = ∂L/∂b_c · σ(s_c/τ)(1 − σ(s_c/τ)) / τ. Because
 ∂L/∂b_c = Σ (∂L/∂y ⊙ x_c) does not vanish when b_c = 0, a switched-off channel keeps getting
 gradient and can switch back on ("recoverability").
 
-Budget: Σ_l ``budget_weight`` · (mean_c σ(s_c/τ) − keep)², keep = 1 − prune_ratio, pushes each
-layer's (surrogate) kept fraction towards the target. Scores train with their own learning
+Budget: Σ_l ``budget_weight`` · (mean_c b_c − keep)², keep = 1 − prune_ratio, on the hard b with
+the same straight-through gradient, pushes each layer's kept fraction towards the target. (A
+budget on mean σ(s/τ) instead is met with every score at 0⁺ and every channel still on: seen in
+the tests, and why the hard mean is used.) Scores start at ``init`` plus a small seeded spread
+(``init_noise``): from an exactly symmetric start every channel gets the same budget gradient. Scores train with their own learning
 rate (``score_lr_scale`` × the base lr): a score's gradient is divided by the channel count
 through the mean, and without a larger step the budget would take far longer than a
 fine-tuning budget allows.
@@ -35,9 +40,10 @@ from pipeline.surgery import structured_topk
 
 class ABPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tau: float = Field(1.0, gt=0)
-    init: float = Field(1.0)  # initial score: > 0, every channel starts on
-    budget_weight: float = Field(5.0, ge=0)
+    tau: float = Field(0.5, gt=0)
+    init: float = Field(0.5)  # initial score: > 0, every channel starts on
+    init_noise: float = Field(0.05, ge=0)
+    budget_weight: float = Field(20.0, ge=0)
     score_lr_scale: float = Field(100.0, gt=0)
     exact_budget: bool = True
 
@@ -59,9 +65,10 @@ class _HardBinary(torch.autograd.Function):
 
 
 class BinaryAttention(nn.Module):
-    def __init__(self, channels: int, tau: float, init: float) -> None:
+    def __init__(self, channels: int, tau: float, init: float, noise: float = 0.0) -> None:
         super().__init__()
-        self.score = nn.Parameter(torch.full((channels,), float(init)))
+        # the global generator: seeded alike on every rank, and DDP broadcasts rank 0's anyway
+        self.score = nn.Parameter(torch.full((channels,), float(init)) + noise * torch.randn(channels))
         self.tau = tau
 
     def mask(self) -> torch.Tensor:
@@ -83,18 +90,19 @@ class AddingBeforePruning(Method):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for g in self.groups:
-            gates.single_norm(g, self.name)
+            gates.single_consumer(g, self.name)
 
     def prepare(self, model: nn.Module) -> None:
         for g in self.groups:
-            gates.insert(model, g, BinaryAttention(g.size, self.options.tau, self.options.init), self.name)
+            att = BinaryAttention(g.size, self.options.tau, self.options.init, self.options.init_noise)
+            gates.insert(model, g, att, self.name)
 
     def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]:
         return {att.score: self.options.score_lr_scale for _, att in gates.layers(model, self.groups)}
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
         keep = 1.0 - self.prune_ratio
-        terms = [(att.surrogate().mean() - keep) ** 2 for _, att in gates.layers(model, self.groups)]
+        terms = [(att.mask().mean() - keep) ** 2 for _, att in gates.layers(model, self.groups)]
         return self.options.budget_weight * torch.stack(terms).sum() if terms else None
 
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:

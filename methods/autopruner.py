@@ -4,8 +4,8 @@ A gate after the ReLU of every inner channel group (bottleneck conv1/conv2, Basi
 the activations X (N, C, H, W) are averaged over the batch (backward spreads grad/N to every
 sample), max-pooled 2×2 (1×1 where the map is 7×7 or smaller), mapped C·h·w → C by a fully
 connected layer with bias, multiplied by α and squashed by a sigmoid: v ∈ (0, 1)^C; the output
-is X ⊙ v. (The gate sits on the BN output and computes v from ReLU(x): for v > 0 that is the
-same function as gating after the ReLU; see ``methods.gates``.)
+is X ⊙ v. The gate sits on the input of the group's consuming conv, i.e. after BN and ReLU
+(see ``methods.gates``).
 
 Loss: cross-entropy + Σ_l λ_l · (mean(v_l) − keep)², keep = 1 − prune_ratio.
 Schedules (authors' code): α grows geometrically from ``alpha_start`` to ``alpha_end`` over the
@@ -56,7 +56,7 @@ class AutoPrunerOptions(BaseModel):
 
 
 class AutoPrunerGate(nn.Module):
-    """v = sigmoid(α · FC(maxpool(mean_batch(ReLU(x))))); output x ⊙ v."""
+    """v = sigmoid(α · FC(maxpool(mean_batch(x)))); output x ⊙ v (x: activations after the ReLU)."""
 
     def __init__(self, channels: int, height: int, width: int) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class AutoPrunerGate(nn.Module):
             return x * self.hard.view(1, -1, 1, 1).to(x.dtype)
         if not self.active:
             return x
-        a = F.relu(x).mean(0, keepdim=True)  # batch-mean pooling
+        a = x.mean(0, keepdim=True)  # batch-mean pooling (x is already after the ReLU)
         if self.pool > 1:
             a = F.max_pool2d(a, self.pool)
         v = torch.sigmoid(self.alpha * self.fc(a.flatten(1))).view(-1)
@@ -96,7 +96,7 @@ class AutoPruner(Method):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for g in self.groups:
-            gates.single_norm(g, self.name)
+            gates.single_consumer(g, self.name)
         self.stages = sorted({_stage_of(g.name) for g in self.groups})
         self.votes: dict[str, deque] = {g.name: deque(maxlen=self.options.vote_window) for g in self.groups}
         self.vsum: dict[str, torch.Tensor] = {}
@@ -106,9 +106,9 @@ class AutoPruner(Method):
     # --- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         shapes: dict[str, tuple[int, int, int]] = {}
-        hooks = [
-            model.get_submodule(g.norms[0]).register_forward_hook(
-                lambda m, i, o, name=g.name: shapes.__setitem__(name, tuple(o.shape[1:]))
+        hooks = [  # the gate's input is the consuming conv's input
+            model.get_submodule(g.consumers[0]).register_forward_hook(
+                lambda m, i, o, name=g.name: shapes.__setitem__(name, tuple(i[0].shape[1:]))
             )
             for g in self.groups
         ]

@@ -1,0 +1,229 @@
+"""The properties METHODS.md asks of AutoPruner (§2), ABP (§4) and ISTA (§5)."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from methods import gates, get_method_class
+from methods.abp import BinaryAttention
+from methods.autopruner import AutoPrunerGate
+from pipeline.surgery import apply_masks, find_groups, prune_model
+from tests.lifecycle import calib, cut_equals_masked
+
+
+def _train(method, model, steps, size=16, lr=0.05, task=True):
+    method.on_train_start(model, steps_per_epoch=steps, epochs=1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for l_, (x, y) in zip(range(steps), iter(lambda: calib(16, size, seed=torch.randint(0, 10**6, ()).item())[0], None),
+                          strict=False):
+        model.train()
+        loss = method.loss_term(model) if not task else torch.nn.functional.cross_entropy(model(x), y)
+        if task:
+            extra = method.loss_term(model)
+            loss = loss + extra if extra is not None else loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        method.after_step(model, opt)
+        del l_
+
+
+def _binary_fraction(model, groups):
+    vs = torch.cat([gate.v.detach() for _, gate in gates.layers(model, groups)])
+    return float(((vs < 0.2) | (vs > 0.8)).float().mean()), float(vs.mean())
+
+
+# --- AutoPruner ------------------------------------------------------------------------------
+def test_autopruner_gates_become_binary_and_hit_the_budget():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    groups = find_groups(model, 16, "inner")
+    ap = get_method_class("autopruner")(groups, 0.4, image_size=16, options={"exact_budget": False})
+    ap.prepare(model)
+    assert all(isinstance(g, AutoPrunerGate) for _, g in gates.layers(model, groups))
+    model.train()
+    model(calib(16, 16)[0][0])
+    start_binary, _ = _binary_fraction(model, groups)
+    _train(ap, model, steps=60)
+    end_binary, mean_v = _binary_fraction(model, groups)
+    assert start_binary < 0.5 < 0.9 <= end_binary  # α ↑ ⇒ v binary
+    assert mean_v == pytest.approx(0.6, abs=0.1)  # kept fraction → 1 − prune_ratio
+    kept = [float(m.float().mean()) for m in ap.keep_masks(model).values()]
+    assert sum(kept) / len(kept) == pytest.approx(0.6, abs=0.12)
+
+
+def test_autopruner_gate_removal_and_surgery_preserve_the_gated_logits():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=5)
+    groups = find_groups(model, 32, "inner")
+    ap = get_method_class("autopruner")(groups, 0.5, image_size=32)
+    ap.prepare(model)
+    _train(ap, model, steps=4, size=32)
+    masks = ap.keep_masks(model)
+    for g, gate in gates.layers(model, groups):  # the gated model with its final binary code
+        gate.hard = masks[g.name].float()
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        gated = model(x)
+    ap.finalize(model, masks)
+    apply_masks(model, groups, masks)
+    pruned = prune_model(copy.deepcopy(model), groups, masks, 32)
+    with torch.no_grad():
+        assert ((pruned(x) - gated).abs().max() / gated.abs().max()) < 1e-5
+
+
+def test_autopruner_stagewise_freezes_finished_stages():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    groups = find_groups(model, 16, "inner")
+    ap = get_method_class("autopruner")(groups, 0.5, image_size=16, options={"stagewise": True})
+    ap.prepare(model)
+    _train(ap, model, steps=8)
+    frozen = [g.name for g, gate in gates.layers(model, groups) if gate.hard.numel()]
+    active = [g.name for g, gate in gates.layers(model, groups) if gate.active and not gate.hard.numel()]
+    assert frozen and all(n.startswith(("layer1", "layer2", "layer3")) for n in frozen)
+    assert active and all(n.startswith("layer4") for n in active)
+
+
+# --- ABP -----------------------------------------------------------------------------------
+def test_abp_gradients_reach_the_scores_through_the_estimator():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    groups = find_groups(model, 16, "inner")
+    abp = get_method_class("abp")(groups, 0.5, image_size=16)
+    abp.prepare(model)
+    att = next(a for _, a in gates.layers(model, groups))
+    with torch.no_grad():
+        att.score[:3] = -0.1  # three channels off
+    x, y = calib(8, 16)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for _, a in gates.layers(model, groups):
+        assert a.score.grad is not None and a.score.grad.abs().sum() > 0
+    assert (att.score.grad[:3] != 0).all()  # switched-off channels still get gradient
+
+
+def test_abp_mean_mask_approaches_the_budget():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    groups = find_groups(model, 16, "inner")
+    abp = get_method_class("abp")(groups, 0.5, image_size=16)
+    abp.prepare(model)
+    opt = torch.optim.SGD([a.score for _, a in gates.layers(model, groups)], lr=0.01 * abp.options.score_lr_scale)
+    on = []
+    for _ in range(150):
+        opt.zero_grad()
+        abp.loss_term(model).backward()
+        opt.step()
+        on.append(float(torch.cat([(a.score > 0).float() for _, a in gates.layers(model, groups)]).mean()))
+    assert on[0] > 0.9  # starts with (nearly) every channel on
+    assert sum(on[-20:]) / 20 == pytest.approx(0.5, abs=0.1)  # the budget: keep = 1 - 0.5
+
+
+def test_abp_a_switched_off_channel_can_switch_back_on():
+    att = BinaryAttention(4, tau=0.5, init=0.5)
+    with torch.no_grad():
+        att.score[2] = -0.05
+    x = torch.rand(8, 4, 3, 3) + 0.5  # the channel carries useful (positive) signal
+    opt = torch.optim.SGD(att.parameters(), lr=0.5)
+    assert att.mask()[2] == 0
+    for _ in range(5):
+        opt.zero_grad()
+        (-att(x)[:, 2].mean()).backward()  # a loss that wants channel 2
+        opt.step()
+    assert att.mask()[2] == 1
+
+
+# --- ISTA ----------------------------------------------------------------------------------
+def _random_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.3)
+
+
+def test_ista_alpha_rescaling_leaves_the_function_unchanged():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=5).eval()
+    _random_bn(model)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    ista = get_method_class("ista")(find_groups(model, 32, "inner"), 0.5, image_size=32, options={"alpha": 8.0})
+    ista.prepare(model)
+    assert not torch.equal(model.layer1[0].bn1.weight, before["layer1.0.bn1.weight"])  # it did rescale
+    with torch.no_grad():
+        assert ((model(x) - ref).abs().max() / ref.abs().max()) < 1e-5
+    ista.finalize(model, {g.name: torch.ones(g.size, dtype=torch.bool) for g in ista.groups})
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v.float(), before[k].float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_ista_reaches_exact_zeros_weighted_by_cost():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    groups = find_groups(model, 16, "inner")
+    with torch.no_grad():  # spread γ as training would (fresh BNs all start at γ = 1)
+        for g in groups:
+            bn = model.get_submodule(g.norms[0])
+            bn.weight.copy_(torch.linspace(0.01, 0.3, bn.num_features))
+    ista = get_method_class("ista")(groups, 0.5, image_size=16, options={"rho": 0.5})
+    ista.prepare(model)
+    assert len(set(round(w, 6) for w in ista.weights.values())) > 1  # per-layer cost weights differ
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    zeros = []
+    for _ in range(6):
+        ista.after_step(model, opt)
+        zeros.append(sum(int((model.get_submodule(g.norms[0]).weight == 0).sum()) for g in groups))
+    assert zeros[0] > 0 and zeros == sorted(zeros) and zeros[-1] > zeros[0]
+
+
+def _zero_gamma(model, group, n):
+    with torch.no_grad():
+        model.get_submodule(group.norms[0]).weight[:n] = 0  # these channels now output ReLU(β)
+    mask = torch.ones(group.size, dtype=torch.bool)
+    mask[:n] = False
+    return mask
+
+
+def test_ista_folding_is_exact_before_a_1x1_conv_and_interior_exact_before_3x3():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=5).eval()
+    _random_bn(model)
+    groups = find_groups(model, 32, "inner")
+    ista = get_method_class("ista")(groups, 0.5, image_size=32)
+    g1x1 = next(g for g in groups if g.name == "layer1.0.conv2")  # consumer conv3 is 1×1
+    g3x3 = next(g for g in groups if g.name == "layer1.0.conv1")  # consumer conv2 is 3×3
+    x = torch.randn(2, 3, 32, 32)
+    for g, exact in ((g1x1, True), (g3x3, False)):
+        net = copy.deepcopy(model)
+        masks = {g.name: _zero_gamma(net, g, 8)}
+        consumer_bn = g.next_norm[g.consumers[0]]
+        outs = {}
+        hook = net.get_submodule(consumer_bn).register_forward_hook(lambda m, i, o: outs.__setitem__("ref", o))
+        with torch.no_grad():
+            ref = net(x)  # γ = 0: the 8 channels are constants
+        hook.remove()
+        ista.groups = [g]
+        ista.finalize(net, masks)
+        apply_masks(net, [g], masks)
+        pruned = prune_model(copy.deepcopy(net), [g], masks, 32)
+        hook = pruned.get_submodule(consumer_bn).register_forward_hook(lambda m, i, o: outs.__setitem__("cut", o))
+        with torch.no_grad():
+            out = pruned(x)
+        hook.remove()
+        err = float((out - ref).abs().max() / ref.abs().max())
+        interior = (outs["cut"] - outs["ref"])[..., 1:-1, 1:-1].abs().max()
+        border = (outs["cut"] - outs["ref"]).abs().max()
+        assert interior < 1e-4
+        if exact:
+            assert err < 1e-5 and border < 1e-4
+        else:
+            assert border > 1e-3  # the zero-padded border misses taps: measured, not hidden
