@@ -198,3 +198,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
         return None
     # our own checkpoints hold only tensors, numbers and strings: weights_only suffices
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches, info: DistInfo | None = None, max_batches: int | None = None) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (no gradient step).
+
+    After a cut the surviving channels see different inputs; their BN statistics go stale.
+    A cumulative average (momentum=None) over a few training batches fixes them. Under DDP
+    every rank sees its own batches; averaging the estimates keeps the ranks identical.
+    """
+    net = unwrap(model)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = net.training
+    net.train()
+    for i, (images, _labels) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        net(images)
+    net.train(was_training)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+        if info is not None and info.distributed:
+            for buf in (m.running_mean, m.running_var):
+                all_reduce_sum(buf, info)
+                buf /= info.world

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -28,7 +29,23 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path, digits_root):
     assert r["trained"], "weights did not change"
     assert r["weights_equal"], "DDP ranks diverged"
     assert r["grads_equal"], "all-reduced gradients differ between ranks"
+    from methods import method_names
+
+    assert set(r["masks_equal"]) == set(method_names())  # every registered method ran under DDP
     assert all(r["masks_equal"].values()), r["masks_equal"]
+    # lossvar: the calibration loss is sharded over 2 ranks and all-reduced; 1 rank decides the same
+    from methods import SelectContext, get_method_class
+    from pipeline.config import DataConfig
+    from pipeline.data.loaders import calibration_set
+    from pipeline.surgery import find_groups
+    from tests.helpers.ddp_check import lossvar_model
+
+    model = lossvar_model()
+    groups = find_groups(model, 16, "inner")
+    cfg = DataConfig(root=str(digits_root), image_size=16, batch_size=16, augment="none")
+    ctx = SelectContext(calib=calibration_set(cfg, 64, 0, 1, torch.device("cpu")), image_size=16)
+    single = get_method_class("lossvar")(groups, 0.5, seed=0, image_size=16).keep_masks(model, ctx)
+    assert {k: v.int().tolist() for k, v in single.items()} == r["lossvar_masks"]
 
 
 def test_prune_under_torchrun_registers_and_resumes(tmp_path, digits_root):

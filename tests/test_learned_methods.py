@@ -10,7 +10,7 @@ from methods import gates, get_method_class
 from methods.abp import BinaryAttention
 from methods.autopruner import AutoPrunerGate
 from pipeline.surgery import apply_masks, find_groups, prune_model
-from tests.lifecycle import calib, cut_equals_masked
+from tests.lifecycle import calib
 
 
 def _train(method, model, steps, size=16, lr=0.05, task=True):
@@ -207,7 +207,11 @@ def test_ista_folding_is_exact_before_a_1x1_conv_and_interior_exact_before_3x3()
         masks = {g.name: _zero_gamma(net, g, 8)}
         consumer_bn = g.next_norm[g.consumers[0]]
         outs = {}
-        hook = net.get_submodule(consumer_bn).register_forward_hook(lambda m, i, o: outs.__setitem__("ref", o))
+
+        def keep(name, outs=outs):
+            return lambda m, i, o: outs.__setitem__(name, o)
+
+        hook = net.get_submodule(consumer_bn).register_forward_hook(keep("ref"))
         with torch.no_grad():
             ref = net(x)  # γ = 0: the 8 channels are constants
         hook.remove()
@@ -215,7 +219,7 @@ def test_ista_folding_is_exact_before_a_1x1_conv_and_interior_exact_before_3x3()
         ista.finalize(net, masks)
         apply_masks(net, [g], masks)
         pruned = prune_model(copy.deepcopy(net), [g], masks, 32)
-        hook = pruned.get_submodule(consumer_bn).register_forward_hook(lambda m, i, o: outs.__setitem__("cut", o))
+        hook = pruned.get_submodule(consumer_bn).register_forward_hook(keep("cut"))
         with torch.no_grad():
             out = pruned(x)
         hook.remove()

@@ -11,12 +11,61 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from methods import get_method_class, method_names  # noqa: E402
+from methods import SelectContext, get_method_class, method_names  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data.loaders import build_loader  # noqa: E402
+from pipeline.data.loaders import build_loader, calibration_set  # noqa: E402
 from pipeline.distributed import assert_same_on_all_ranks, init_distributed  # noqa: E402
 from pipeline.engine import make_optimizer, train_epoch, unwrap, wrap_ddp  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
+
+
+class _First:
+    """The first ``n`` batches of a loader (the same count on every rank)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.n:
+                return
+            yield batch
+
+
+def lossvar_model(image_size: int = 16):
+    """The model the lossvar 1-vs-2-rank comparison decides on (the test builds it too)."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _lifecycle_under_ddp(name: str, info, data_root: str) -> dict:
+    """prepare → 2 DDP steps on this rank's data → keep_masks → finalize, as the recipe does."""
+    cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
+    if name == "lossvar":
+        model = lossvar_model()
+    else:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+    groups = find_groups(model, 16, "inner")
+    method = get_method_class(name)(groups, 0.5, seed=0, image_size=16)
+    method.prepare(model)
+    if method.training_aware:
+        loader = _First(build_loader(cfg, "train", info.rank, info.world, info.device, seed=0), 2)
+        method.on_train_start(model, steps_per_epoch=2, epochs=1)
+        ddp = wrap_ddp(model, info)
+        opt = make_optimizer(ddp, 0.05, 0.9, True, 1e-4, lr_scales=method.lr_scales(model))
+        train_epoch(ddp, loader, opt, None, info, method=method)
+        model = unwrap(ddp)
+    ctx = SelectContext(info=info, image_size=16)
+    if method.calibration_samples():
+        ctx.calib = calibration_set(cfg, 64, info.rank, info.world, info.device)
+    masks = method.keep_masks(model, ctx)
+    assert_same_on_all_ranks(masks, info)  # raises if ranks disagree
+    method.finalize(model, masks)
+    return masks
 
 
 def main(out: str, data_root: str) -> None:
@@ -35,28 +84,25 @@ def main(out: str, data_root: str) -> None:
     dist.all_gather(gathered, flat)
     ggrads = [torch.zeros_like(grads) for _ in range(info.world)]
     dist.all_gather(ggrads, grads)
-    groups = find_groups(net, 16, "inner")
-    masks_ok = {}
+    masks_ok, lossvar_masks = {}, {}
     for name in method_names():
-        method = get_method_class(name)(groups, 0.5, seed=0)
-        if method.training_aware:
-            method.on_train_start(net)
-        masks = method.keep_masks(net)
-        assert_same_on_all_ranks(masks, info)  # raises if ranks disagree
+        masks = _lifecycle_under_ddp(name, info, data_root)
         flat_m = torch.cat([masks[k].to(torch.float32) for k in sorted(masks)])
         gm = [torch.zeros_like(flat_m) for _ in range(info.world)]
         dist.all_gather(gm, flat_m)
         masks_ok[name] = all(torch.equal(gm[0], g) for g in gm)
+        if name == "lossvar":
+            lossvar_masks = {k: v.int().tolist() for k, v in masks.items()}
     if info.is_main:
         Path(out).write_text(json.dumps({
             "world": info.world,
             "weights_equal": all(torch.equal(gathered[0], g) for g in gathered),
             "grads_equal": all(torch.allclose(ggrads[0], g, atol=1e-7) for g in ggrads),
-            "grad_diff": max((ggrads[0] - g).abs().max().item() for g in ggrads), "grad_max": ggrads[0].abs().max().item(), "n": [g.numel() for g in ggrads],
             "trained": not torch.equal(flat, torch.cat([p.flatten() for p in torchvision.models.resnet18(num_classes=10).parameters()])),
             "samples_seen": loader._dataset.rank_count(),
             "train_top1": stats["train_top1"],
             "masks_equal": masks_ok,
+            "lossvar_masks": lossvar_masks,
         }))
     dist.barrier()
     dist.destroy_process_group()
