@@ -73,8 +73,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         metrics.setdefault("val_top1", metrics.get("pruned_val_top1", 0.0))
         ray.train.report(metrics)
 
-    final = run_trial(cfg, report=report, run_name=loop_config["trial_name"])
-    report({**final, "final": 1})  # "done" is Tune's own key
+    # run_trial's last report carries "final": 1 ("done" is Tune's own key), sent only after
+    # the model is saved and logged
+    run_trial(cfg, report=report, run_name=loop_config["trial_name"])
 
 
 def _trial_driver(tune_config: dict[str, Any]) -> None:
@@ -119,13 +120,14 @@ def run_search(cfg: Config) -> dict[str, Any]:
     """Search ``cfg.search.space``, register the best trial's model as ``challenger``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     base = config_to_dict(cfg)
     s = cfg.search
     init_ray(cfg)
     param_space: dict[str, Any] = {k: _sampler(v) for k, v in s.space.items()}
     param_space["__base__"] = base
-    max_t = (cfg.prune.epochs + cfg.train.epochs) or 1
+    max_t = cfg.train.budget_epochs or (cfg.prune.epochs + cfg.train.epochs) or 1
     tuner = tune.Tuner(
         _trial_driver,
         param_space=param_space,
@@ -138,6 +140,8 @@ def run_search(cfg: Config) -> dict[str, Any]:
                                     reduction_factor=s.reduction_factor, stop_last_trials=False),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent,
+            # the same draws on a rerun; the concurrency limit must be given to the generator itself
+            search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=s.max_concurrent),
         ),
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"), verbose=1),
     )
@@ -151,9 +155,11 @@ def run_search(cfg: Config) -> dict[str, Any]:
                 "trial": str(m.get("trial_id", "?")),
                 "method": conf.get("prune.method", cfg.prune.method),
                 "ratio": conf.get("prune.prune_ratio", cfg.prune.prune_ratio),
+                "delta": conf.get("prune.options.lossvar.delta"),
                 "status": "done" if m.get("final") else ("error" if result.error else "stopped"),
                 **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
-                                         "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s")},
+                                         "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s",
+                                         "started_at", "ended_at")},
             }
         )
     done = [r for r in rows if r["status"] == "done" and r["run_id"]]
@@ -169,7 +175,7 @@ def run_search(cfg: Config) -> dict[str, Any]:
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
     """The results table printed at the end of a search."""
-    head = f"{'trial':<18} {'method':<8} {'ratio':>5} {'status':<8} {'top-1':>6} {'dense':>6} {'MACs red.':>9} " \
+    head = f"{'trial':<12} {'method':<12} {'ratio':>6} {'status':<8} {'top-1':>6} {'dense':>6} {'MACs red.':>9} " \
            f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up':>8} {'eff.':>5}"
     lines = [head, "-" * len(head)]
 
@@ -178,8 +184,10 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str
 
     for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or 0))):
         mark = " *" if best is not None and r is best else ""
+        # lossvar sets its rates from δ, not from the uniform ratio: show what it was given
+        knob = f"δ{r['delta']:.3g}" if r["method"] == "lossvar" and r.get("delta") else f(r["ratio"], ".2f")
         lines.append(
-            f"{r['trial']:<18} {r['method']:<8} {f(r['ratio'], '.2f'):>5} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
+            f"{r['trial']:<12} {r['method']:<12} {knob:>6} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
             f"{f(r['dense_val_top1'], '.3f'):>6} {f(r['macs_reduction'], '.1%'):>9} {f(r['params_reduction'], '.1%'):>11} "
             f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {f(r['speedup'], '.2f'):>7}x "
             f"{f(r['speedup_efficiency'], '.2f'):>5}{mark}"

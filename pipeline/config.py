@@ -66,7 +66,10 @@ class PruneConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(2, ge=0)  # fine-tune epochs after surgery
+    epochs: int = Field(2, ge=0)  # fine-tune epochs after surgery (unless budget_epochs is set)
+    # total epochs per trial, pruning-phase epochs included: fine-tune = budget − pruning epochs,
+    # so one-shot and training-aware methods compare on the same budget (searches, benchmarks)
+    budget_epochs: int | None = Field(None, ge=1)
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
@@ -76,6 +79,7 @@ class TrainConfig(_Strict):
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for GPU
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of a trial's worker group
+    bn_recalib_batches: int = Field(10, ge=0)  # after the cut: re-estimate BN statistics (0 = off)
 
 
 class BaselineConfig(_Strict):

@@ -21,7 +21,7 @@ from torch import nn
 
 from methods import SelectContext, get_method_class
 from pipeline import registry
-from pipeline.config import Config, config_to_dict, flatten
+from pipeline.config import Config, ConfigError, config_to_dict, flatten
 from pipeline.data.loaders import build_loader, calibration_set
 from pipeline.distributed import DistInfo, assert_same_on_all_ranks, barrier, broadcast_object, init_distributed
 from pipeline.engine import (
@@ -30,6 +30,7 @@ from pipeline.engine import (
     evaluate,
     load_checkpoint,
     make_optimizer,
+    recalibrate_bn,
     save_checkpoint,
     train_epoch,
     unwrap,
@@ -150,7 +151,7 @@ def _train_phase(
 
 def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None = None) -> dict[str, Any]:
     """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank)."""
-    t_start = time.perf_counter()
+    t_start, started_at = time.perf_counter(), time.time()
     info = init_distributed()
     report = report or _print_report(info)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -174,7 +175,12 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     log = _TrialLog(cfg, info, run_name or cfg.name)
     resume = load_checkpoint(ckpt_path)
     prune_epochs = cfg.prune.epochs if method.training_aware else 0
-    total_epochs = prune_epochs + cfg.train.epochs
+    ft_epochs = cfg.train.epochs
+    if cfg.train.budget_epochs is not None:
+        if prune_epochs >= cfg.train.budget_epochs:
+            raise ConfigError(f"train.budget_epochs = {cfg.train.budget_epochs}: must exceed prune.epochs = {prune_epochs}")
+        ft_epochs = cfg.train.budget_epochs - prune_epochs
+    total_epochs = prune_epochs + ft_epochs
     model.to(info.device)
 
     def eval_now(net: nn.Module) -> dict[str, float]:
@@ -225,16 +231,26 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
         apply_masks(model, groups, masks)
         prune_model(model, groups, masks, size)
         summary.update({f"pruned_{k}": v for k, v in eval_now(model).items()})  # before any fine-tune
+        if cfg.train.bn_recalib_batches:
+            # the surviving channels see other inputs now: fresh BN statistics, no gradient step
+            recalibrate_bn(model, loaders[0], info, max_batches=cfg.train.bn_recalib_batches)
+            summary.update({f"recal_{k}": v for k, v in eval_now(model).items()})
         summary.update(_measure(dense, model, cfg, info))
         report({"epoch": prune_epochs, "phase": "cut", **summary})
 
     spec = make_spec(model, cfg.model.arch, num_classes, image_size=size)
 
     # --- fine-tune ---------------------------------------------------------------------------
+    last_metrics: dict[str, Any] = {}
+
     def after_finetune_epoch(epoch: int, net: nn.Module, opt, stats) -> None:
         metrics = {"epoch": prune_epochs + epoch + 1, "phase": "finetune", **stats, **eval_now(net), **summary}
         log.metrics({k: v for k, v in metrics.items() if not k.startswith(("dense_", "pruned_"))}, step=metrics["epoch"])
-        report(metrics)
+        last_metrics.update(metrics)
+        if epoch + 1 < ft_epochs:
+            # the last epoch is reported after the model is saved: a scheduler that stops the
+            # trial on that report must not lose the model
+            report(metrics)
         save_checkpoint(
             ckpt_path,
             {"phase": "finetune", "epoch": epoch + 1, "model": net.state_dict(), "optimizer": opt.state_dict(),
@@ -243,13 +259,14 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
         )
 
     first_ft = int(resume["epoch"]) if resume is not None and resume["phase"] == "finetune" else 0
-    if first_ft < cfg.train.epochs:
-        _train_phase(model, range(first_ft, cfg.train.epochs), cfg.train.epochs, cfg, info, loaders,
+    if first_ft < ft_epochs:
+        _train_phase(model, range(first_ft, ft_epochs), ft_epochs, cfg, info, loaders,
                      after_finetune_epoch, optimizer_state=resume.get("optimizer") if first_ft else None,
                      desc="finetune")
 
     # --- save and register -------------------------------------------------------------------
-    final = {**summary, **eval_now(model), "epochs": total_epochs, "wall_s": time.perf_counter() - t_start}
+    final = {**summary, **last_metrics, **eval_now(model), "epochs": total_epochs,
+             "wall_s": time.perf_counter() - t_start, "started_at": started_at}
     final["method"], final["prune_ratio"] = cfg.prune.method, cfg.prune.prune_ratio
     model_dir = out / "model"
     plot = None
@@ -267,6 +284,8 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     final["model_dir"] = str(model_dir)
     final["run_id"] = broadcast_object(log.run_id, info)
     barrier(info)
+    final.update(epoch=total_epochs, phase="final", final=1, ended_at=time.time())
+    report(final)
     return final
 
 

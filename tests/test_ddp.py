@@ -63,7 +63,7 @@ def test_prune_under_torchrun_registers_and_resumes(tmp_path, digits_root):
     # a longer budget on the same folder resumes after the last finished epoch, not from scratch
     second = _torchrun(*common, "train.epochs=2")
     assert second.returncode == 0, second.stderr[-3000:]
-    epochs = [int(m) for m in re.findall(r'"epoch": (\d+), "phase": "(?:prune|finetune)"', second.stdout)]
+    epochs = [int(m) for m in re.findall(r"\"epoch\": (\d+), \"phase\": \"(?:prune|finetune|final)\"", second.stdout)]
     assert epochs == [3], second.stdout[-2000:]  # only fine-tune epoch 2 (global epoch 3) ran
     from mlflow.tracking import MlflowClient
 

@@ -34,5 +34,8 @@ def test_two_trial_search_registers_the_best(tmp_path, digits_root):
     mv = client.get_model_version_by_alias("searched", "challenger")
     assert int(mv.version) == result["version"] and mv.run_id == best["run_id"]
     assert float(mv.tags["val_top1"]) == pytest.approx(best["val_top1"], rel=1e-4)
+    # search.max_concurrent = 1: the trials ran one after the other
+    spans = sorted((r["started_at"], r["ended_at"]) for r in rows)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False)), spans
     table = format_table(rows, best)
     assert "l1" in table and "sfp" in table and "challenger" in table
