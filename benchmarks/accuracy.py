@@ -80,7 +80,7 @@ def one_run(base: dict, method: str, ratio: float, target: float, seed: int, bud
     epochs: dict[int, float] = {}
 
     def capture(m: dict) -> None:
-        if m.get("phase") == "finetune":
+        if m.get("phase") in ("finetune", "final"):
             epochs[int(m["epoch"])] = m["val_top1"]
 
     t0 = time.perf_counter()
