@@ -1,0 +1,269 @@
+"""The loader contract: every backend yields device-resident ``(images, labels)`` and has a length.
+
+The training loop cannot tell backends apart. Backends:
+
+- ``webdataset``: WebDataset shards decoded by PIL in a PyTorch ``DataLoader``. Sharded by
+  rank *and* DataLoader worker so each sample is read once per epoch across all ranks:
+  whole shards per reader when there are plenty of shards (ImageNet), else every
+  ``slots``-th sample (tiny datasets with fewer shards than readers).
+- ``synthetic``: random tensors made on the device, for benchmarks without I/O.
+
+Training readers all yield the same number of samples per epoch (``equal=True``), so every
+rank takes the same number of optimizer steps: uneven steps under DDP either hang a
+collective or, with ``join()``, let the ranks' optimizer and LR-schedule states drift apart.
+The price is a few samples per epoch: fewer than ``slots`` when splitting by sample, the
+excess of the fullest reader when splitting by shard (shards of equal size make it zero).
+The reshuffle each epoch changes which. Validation readers yield everything, exactly once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2 as T
+
+from pipeline.config import DataConfig
+from pipeline.data.convert import read_manifest
+
+# Below this many shards per reader, splitting by shard balances badly: split by sample.
+_MIN_SHARDS_PER_SLOT = 4
+
+
+def _transforms(augment: str, train: bool, size: int, mean: list[float], std: list[float]) -> T.Compose:
+    head = [T.ToImage()]
+    if train and augment == "imagenet":
+        head += [T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
+    elif train and augment == "light":
+        head += [T.RandomCrop(size, padding=max(1, size // 8))]  # no flip: digits are not mirror-symmetric
+    elif augment == "imagenet":
+        head += [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]
+    else:
+        head += [T.Resize((size, size), antialias=True)]
+    return T.Compose([*head, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+class ShardedSamples(IterableDataset):
+    """Samples of a shard list, split over ``world`` ranks × DataLoader workers."""
+
+    def __init__(
+        self,
+        root: Path,
+        shards: list[dict[str, Any]],
+        rank: int,
+        world: int,
+        num_workers: int,
+        transform: T.Compose,
+        shuffle: bool,
+        seed: int,
+        buffer: int,
+        equal: bool = False,
+    ) -> None:
+        self.root, self.shards = root, shards
+        self.rank, self.world = rank, world
+        self.workers = max(1, num_workers)
+        self.transform, self.shuffle, self.seed, self.buffer = transform, shuffle, seed, buffer
+        self.equal = equal
+        self.epoch = 0
+
+    @property
+    def slots(self) -> int:
+        return self.world * self.workers
+
+    def by_shard(self) -> bool:
+        return len(self.shards) >= self.slots * _MIN_SHARDS_PER_SLOT
+
+    def _order(self) -> list[dict[str, Any]]:
+        order = list(self.shards)
+        if self.shuffle:  # same permutation on every rank: seeded by (seed, epoch) only
+            random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
+        return order
+
+    def _assignment(self) -> list[list[dict[str, Any]]]:
+        """Shards per reader, balanced: largest first, each to the reader with fewest samples.
+
+        The sort is stable over the epoch's shuffled order, so equal-size shards still move
+        between readers every epoch; the result is the same on every rank.
+        """
+        bins: list[list[dict[str, Any]]] = [[] for _ in range(self.slots)]
+        loads = [0] * self.slots
+        for shard in sorted(self._order(), key=lambda s: -s["count"]):
+            i = loads.index(min(loads))
+            bins[i].append(shard)
+            loads[i] += shard["count"]
+        return bins
+
+    def slot_count(self, slot: int) -> int:
+        """How many samples reader ``slot`` holds this epoch (exact)."""
+        if self.by_shard():
+            return sum(s["count"] for s in self._assignment()[slot])
+        total = sum(s["count"] for s in self.shards)
+        return len(range(slot, total, self.slots))
+
+    def slot_yield(self, slot: int) -> int:
+        """Samples reader ``slot`` actually yields: its count, or the common quota if ``equal``."""
+        if not self.equal:
+            return self.slot_count(slot)
+        return min(self.slot_count(s) for s in range(self.slots))
+
+    def rank_count(self) -> int:
+        first = self.rank * self.workers
+        return sum(self.slot_yield(first + w) for w in range(self.workers))
+
+    def rank_batches(self, batch_size: int) -> int:
+        # each DataLoader worker batches its own samples: the last batch of every worker may be short
+        first = self.rank * self.workers
+        return sum(math.ceil(self.slot_yield(first + w) / batch_size) for w in range(self.workers))
+
+    def _samples(self, shards: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            path = self.root / shard["path"]
+            with open(path, "rb") as stream:  # closed even when the consumer stops early
+                files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
+                yield from wds.tariterators.group_by_keys(files)
+
+    def _raw(self, slot: int) -> Iterator[dict[str, Any]]:
+        if self.by_shard():
+            yield from self._samples(self._assignment()[slot])
+            return
+        for i, sample in enumerate(self._samples(self._order())):
+            if i % self.slots == slot:
+                yield sample
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        slot = self.rank * self.workers + worker
+        rng = random.Random(hash((self.seed, self.epoch, slot)))
+        buf: list[dict[str, Any]] = []
+        quota = self.slot_yield(slot)
+        for i, sample in enumerate(self._raw(slot)):
+            if i >= quota:
+                break
+            if self.shuffle and self.buffer > 1:
+                buf.append(sample)
+                if len(buf) < self.buffer:
+                    continue
+                sample = buf.pop(rng.randrange(len(buf)))
+            yield self._decode(sample)
+        rng.shuffle(buf)
+        for sample in buf:
+            yield self._decode(sample)
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        return self.transform(img), int(sample["cls"])
+
+
+class Loader:
+    """Iterator of device-resident ``(images, labels)`` batches with a known length."""
+
+    def __init__(self, dataloader: DataLoader | None, length: int, device: torch.device, num_classes: int, dataset=None, synthetic=None) -> None:
+        self._dl, self._len, self.device = dataloader, length, device
+        self.num_classes = num_classes
+        self._dataset = dataset
+        self._synthetic = synthetic
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._dataset is not None:
+            self._dataset.epoch = epoch
+            self._len = self._dataset.rank_batches(self._dl.batch_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._synthetic is not None:
+            yield from self._synthetic()
+            return
+        non_blocking = self.device.type == "cuda"
+        for images, labels in self._dl:
+            yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+
+
+def build_loader(cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int = 0) -> Loader:
+    """The loader of ``split`` ("train" or "val") for this rank."""
+    train = split == "train"
+    if cfg.backend == "synthetic":
+        return _synthetic_loader(cfg, world, device, seed + rank)
+    root = Path(cfg.root)
+    manifest = read_manifest(root)
+    dataset = ShardedSamples(
+        root,
+        manifest["splits"][split],
+        rank,
+        world,
+        cfg.num_workers,
+        _transforms(cfg.augment, train, cfg.image_size, manifest["mean"], manifest["std"]),
+        shuffle=train,
+        seed=seed,
+        buffer=cfg.shuffle_buffer,
+        equal=train,
+    )
+    dl = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset)
+    loader.set_epoch(0)
+    return loader
+
+
+def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: int) -> Loader:
+    steps = max(1, cfg.synthetic_samples // (cfg.batch_size * world))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(steps):
+            x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)
+            y = torch.randint(0, cfg.synthetic_classes, (cfg.batch_size,), generator=gen)
+            yield x.to(device), y.to(device)
+
+    return Loader(None, steps, device, cfg.synthetic_classes, synthetic=batches)
+
+
+def calibration_set(
+    cfg: DataConfig, samples: int, rank: int, world: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of a fixed calibration set: the first ``samples`` training images in
+    shard order, without augmentation, sample ``i`` on rank ``i % world``. The set is the same
+    whatever the number of ranks, so a decision made on it is too."""
+    if cfg.backend == "synthetic":
+        gen = torch.Generator().manual_seed(1234)
+        x = torch.randn(samples, 3, cfg.image_size, cfg.image_size, generator=gen)
+        y = torch.randint(0, cfg.synthetic_classes, (samples,), generator=gen)
+        mine = list(range(rank, samples, world))
+        xs, ys = x[mine], y[mine]
+    else:
+        root = Path(cfg.root)
+        manifest = read_manifest(root)
+        ds = ShardedSamples(root, manifest["splits"]["train"], 0, 1, 0,
+                            _transforms("none", False, cfg.image_size, manifest["mean"], manifest["std"]),
+                            shuffle=False, seed=0, buffer=0)
+        picked = []
+        for i, sample in enumerate(ds._samples(ds.shards)):
+            if i >= samples:
+                break
+            if i % world == rank:
+                picked.append(ds._decode(sample))
+        xs = torch.stack([p[0] for p in picked]) if picked else torch.empty(0, 3, cfg.image_size, cfg.image_size)
+        ys = torch.tensor([p[1] for p in picked], dtype=torch.int64)
+    return [(xs[i:i + cfg.batch_size].to(device), ys[i:i + cfg.batch_size].to(device))
+            for i in range(0, len(ys), cfg.batch_size)]
+
+
+def dataset_num_classes(cfg: DataConfig) -> int:
+    if cfg.backend == "synthetic":
+        return cfg.synthetic_classes
+    return int(read_manifest(cfg.root)["num_classes"])
