@@ -49,3 +49,15 @@ def cut_equals_masked(model, groups, masks, size=32, rel=1e-5):
         ref = masked(x)
         err = (ref - pruned(x)).abs().max() / ref.abs().max().clamp_min(1e-6)
     return float(err) < rel
+
+
+def randomise_bn(model, shift=-0.5):
+    """Fresh BNs are identity maps; random statistics make equality tests meaningful."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) + shift)

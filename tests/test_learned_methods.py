@@ -10,7 +10,7 @@ from methods import gates, get_method_class
 from methods.abp import BinaryAttention
 from methods.autopruner import AutoPrunerGate
 from pipeline.surgery import apply_masks, find_groups, prune_model
-from tests.lifecycle import calib
+from tests.lifecycle import calib, randomise_bn
 
 
 def _train(method, model, steps, size=16, lr=0.05, task=True):
@@ -137,21 +137,10 @@ def test_abp_a_switched_off_channel_can_switch_back_on():
 
 
 # --- ISTA ----------------------------------------------------------------------------------
-def _random_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.3)
-
-
 def test_ista_alpha_rescaling_leaves_the_function_unchanged():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=5).eval()
-    _random_bn(model)
+    randomise_bn(model, shift=-0.3)
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -196,7 +185,7 @@ def _zero_gamma(model, group, n):
 def test_ista_folding_is_exact_before_a_1x1_conv_and_interior_exact_before_3x3():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=5).eval()
-    _random_bn(model)
+    randomise_bn(model, shift=-0.3)
     groups = find_groups(model, 32, "inner")
     ista = get_method_class("ista")(groups, 0.5, image_size=32)
     g1x1 = next(g for g in groups if g.name == "layer1.0.conv2")  # consumer conv3 is 1×1

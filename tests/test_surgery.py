@@ -12,18 +12,7 @@ from methods import keep_count
 from pipeline.config import ARCHS
 from pipeline.measure import count_macs, count_params
 from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk, validate_masks
-
-
-def _randomise_bn(model):
-    # freshly built BNs are identity maps; random statistics make the equality test meaningful
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+from tests.lifecycle import randomise_bn
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -31,7 +20,7 @@ def test_pruned_equals_masked_and_counts_match(arch):
     torch.manual_seed(0)
     size = 64
     model = torchvision.models.get_model(arch, num_classes=10).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     scope = "all" if arch in ("resnet18", "resnext50_32x4d") else "inner"  # both scopes covered
     groups = find_groups(model, size, scope)
     assert groups, "no channel group found"
