@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -128,7 +126,6 @@ def main() -> None:
     data = ROOT / "data" / f"digits-{args.image_size}"
     if not (data / "dataset.json").is_file():
         write_digits(data, image_size=args.image_size)
-    torch.set_num_threads(torch.get_num_threads())
     base_cfg = absolutize(build_config({}, {
         "name": "bench", "output_dir": str(work), "model.arch": args.arch, "data.root": str(data),
         "data.image_size": args.image_size, "data.batch_size": 64, "baseline.epochs": args.baseline_epochs,

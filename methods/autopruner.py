@@ -128,9 +128,6 @@ class AutoPruner(Method):
         for _, gate in gates.layers(model, self.groups):
             gate.alpha.fill_(self.options.alpha_start)
 
-    def _in_play(self, g) -> bool:
-        return not self.options.stagewise or _stage_of(g.name) == self.stages[self.stage]
-
     def _set_stage(self, model: nn.Module, stage: int) -> None:
         """Freeze finished stages at their code; activate the current one (stage-wise only)."""
         self.stage = stage
@@ -193,13 +190,10 @@ class AutoPruner(Method):
             share = self._vote_share(g).double()
             # rank by vote share, then by the last mean v (a tie-break inside [0, 1))
             score = share + 1e-3 * self.vsum.get(g.name, torch.zeros(g.size)).double()
-            if self.options.exact_budget or not bool(self._code(g).any()):
-                k = self.n_keep(g) if self.options.exact_budget else 1
-                masks[g.name] = structured_topk(score, k, g.channel_groups)
-            else:
-                code = self._code(g)
-                k = int(code.sum())
-                masks[g.name] = structured_topk(score, max(g.channel_groups, k), g.channel_groups)
+            # exact budget: the configured count; else the majority-vote code's own count
+            # (structured_topk keeps at least one channel per conv group if the code is empty)
+            k = self.n_keep(g) if self.options.exact_budget else int(self._code(g).sum())
+            masks[g.name] = structured_topk(score, k, g.channel_groups)
         return masks
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

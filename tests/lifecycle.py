@@ -17,6 +17,8 @@ def run_lifecycle(name, model, ratio=0.4, steps=3, size=32, options=None, lr=0.0
     """prepare → a few training steps → keep_masks → finalize; returns (method, groups, masks)."""
     torch.manual_seed(seed)  # as every rank is seeded alike before prepare()
     groups = find_groups(model, size, "inner")
+    if name == "lossvar" and options is None:
+        options = {"delta": 0.05}  # a fixed δ: the δ search has its own tests (test_lossvar.py)
     method = get_method_class(name)(groups, ratio, round_to=1, options=options, seed=seed, image_size=size)
     method.prepare(model)
     if method.training_aware and steps:

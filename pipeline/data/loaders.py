@@ -262,8 +262,3 @@ def calibration_set(
     return [(xs[i:i + cfg.batch_size].to(device), ys[i:i + cfg.batch_size].to(device))
             for i in range(0, len(ys), cfg.batch_size)]
 
-
-def dataset_num_classes(cfg: DataConfig) -> int:
-    if cfg.backend == "synthetic":
-        return cfg.synthetic_classes
-    return int(read_manifest(cfg.root)["num_classes"])
