@@ -42,11 +42,18 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    backend: Literal["webdataset", "synthetic"] = "webdataset"
+    # webdataset: PIL in a PyTorch DataLoader (the fallback); dali: NVIDIA DALI (GPU decoding
+    # where there is a GPU, its CPU pipeline where there is not); synthetic: no I/O (benchmarks)
+    backend: Literal["webdataset", "dali", "synthetic"] = "webdataset"
     root: str = "data/digits"  # folder holding train/ and val/ shards and dataset.json
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=1, le=4096)  # per rank
-    num_workers: int = Field(0, ge=0, le=64)
+    num_workers: int = Field(0, ge=0, le=64)  # DataLoader worker processes; DALI: its CPU threads (min 1)
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # where DALI decodes: auto = gpu when there is one
+    # bad samples (undecodable bytes, missing or bad labels, truncated shards): skip and count
+    # them, or stop at the first; an epoch skipping more than max_bad_fraction stops either way
+    on_error: Literal["skip", "fail"] = "skip"
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     augment: Literal["none", "light", "imagenet"] = "light"
     shuffle_buffer: int = Field(512, ge=0)
     # synthetic backend only: how big the fake epoch is and how many classes it has

@@ -1,7 +1,9 @@
-"""Write image datasets as WebDataset shards (``.jpg`` + ``.cls``) with a manifest.
+"""Write small image datasets as WebDataset shards (``.jpg`` + ``.cls``) with a manifest.
 
 ``dataset.json`` beside the shards records the class count, image size, normalisation and
 each shard's sample count, so loaders know an epoch's length without scanning the tars.
+Every shard gets its DALI index file (see :mod:`pipeline.data.shards`). ImageNet has its
+own converter, :mod:`pipeline.data.imagenet`.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-MANIFEST = "dataset.json"
+from pipeline.data.manifest import MANIFEST, DatasetError, read_manifest
+from pipeline.data.shards import index_path, write_shard
 
-
-class DatasetError(ValueError):
-    """A dataset folder that is missing, incomplete or inconsistent."""
+__all__ = ["DatasetError", "read_manifest", "write_digits", "write_synthetic", "write_manifest"]
 
 
 def _jpeg(img: np.ndarray, quality: int = 95) -> bytes:
@@ -39,29 +39,39 @@ def _write_split(
     for s, start in enumerate(range(0, n, per_shard)):
         rel = f"{split}/{split}-{s:06d}.tar"
         stop = min(n, start + per_shard)
-        with wds.TarWriter(str(out / rel)) as sink:
-            for i in range(start, stop):
-                # .cls is the label as ASCII digits, the WebDataset/DALI convention
-                sink.write({"__key__": f"{split}_{i:07d}", "jpg": _jpeg(images[i]), "cls": str(int(labels[i])).encode()})
-        shards.append({"path": rel, "count": stop - start})
+        # .cls is the label as ASCII digits, the WebDataset/DALI convention
+        write_shard(out / rel, ({"__key__": f"{split}_{i:07d}", "jpg": _jpeg(images[i]), "cls": str(int(labels[i]))}
+                                for i in range(start, stop)))
+        shards.append({"path": rel, "count": stop - start, "index": index_path(rel).as_posix()})
         bar.update(stop - start)
     bar.close()
     return shards
 
 
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``dataset.json`` atomically (a reader never sees half a manifest)."""
+    path = out / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)
+    return path
+
+
 def _write_manifest(out: Path, name: str, num_classes: int, image_size: int, splits: dict, images: np.ndarray) -> Path:
     pixels = images.reshape(-1, 3).astype(np.float64) / 255.0
-    manifest = {
+    return write_manifest(out, {
         "name": name,
         "num_classes": int(num_classes),
         "image_size": int(image_size),
         "mean": pixels.mean(0).round(4).tolist(),
         "std": np.maximum(pixels.std(0), 1e-3).round(4).tolist(),
         "splits": splits,
-    }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
-    return path
+    })
+
+
+def _check_per_shard(per_shard: int) -> None:
+    if not 1 <= per_shard <= 1_000_000:
+        raise DatasetError(f"--per-shard {per_shard}: allowed range is 1..1000000")
 
 
 def write_digits(out: str | Path, image_size: int = 32, val_fraction: float = 0.2, per_shard: int = 256, seed: int = 0) -> Path:
@@ -76,6 +86,7 @@ def write_digits(out: str | Path, image_size: int = 32, val_fraction: float = 0.
         raise DatasetError(f"--image-size {image_size}: allowed range is 8..512")
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"--val-fraction {val_fraction}: must be in (0, 1)")
+    _check_per_shard(per_shard)
     digits = load_digits()
     gray = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     big = np.stack(
@@ -102,10 +113,15 @@ def write_synthetic(
     seed: int = 0,
 ) -> Path:
     """Random images: a class-dependent colour plus noise, so a model can learn something."""
-    if num_classes < 2:
-        raise DatasetError(f"--classes {num_classes}: need at least 2")
+    if not 2 <= num_classes <= 100_000:
+        raise DatasetError(f"--classes {num_classes}: allowed range is 2..100000")
     if not 8 <= image_size <= 1024:
         raise DatasetError(f"--image-size {image_size}: allowed range is 8..1024")
+    if not 1 <= train_samples <= 10_000_000:
+        raise DatasetError(f"--train-samples {train_samples}: allowed range is 1..10000000")
+    if not 1 <= val_samples <= 10_000_000:
+        raise DatasetError(f"--val-samples {val_samples}: allowed range is 1..10000000")
+    _check_per_shard(per_shard)
     rng = np.random.default_rng(seed)
     colours = rng.uniform(40, 215, size=(num_classes, 3))
 
@@ -122,22 +138,3 @@ def write_synthetic(
         "val": _write_split(out, "val", va_x, va_y, per_shard, "synthetic"),
     }
     return _write_manifest(out, "synthetic", num_classes, image_size, splits, tr_x)
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of a dataset folder, checked against the shards on disk."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DatasetError(
-            f"data.root = {str(root)!r}: no {MANIFEST} there (make one with `prunepipe data digits --out {root}`)"
-        )
-    manifest = json.loads(path.read_text())
-    for split in ("train", "val"):
-        shards = manifest.get("splits", {}).get(split)
-        if not shards:
-            raise DatasetError(f"data.root = {str(root)!r}: {MANIFEST} lists no {split} shards")
-        for shard in shards:
-            if not (root / shard["path"]).is_file():
-                raise DatasetError(f"data.root = {str(root)!r}: shard {shard['path']} is missing")
-    return manifest

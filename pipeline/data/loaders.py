@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from pipeline.config import DataConfig
-from pipeline.data.convert import read_manifest
+from pipeline.data.manifest import read_manifest
 
 # Below this many shards per reader, splitting by shard balances badly: split by sample.
 _MIN_SHARDS_PER_SLOT = 4
