@@ -189,11 +189,22 @@ class Loader:
             yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
 
 
-def build_loader(cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int = 0) -> Loader:
-    """The loader of ``split`` ("train" or "val") for this rank."""
+def build_loader(
+    cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int = 0, channels_last: bool = False
+) -> Loader:
+    """The loader of ``split`` ("train" or "val") for this rank.
+
+    Every backend returns the same contract: an iterable of device-resident ``(images, labels)``
+    with ``len()`` (batches this epoch), ``set_epoch(e)``, ``num_classes`` and ``errors`` (the
+    rank's :class:`BadSampleLog`). ``channels_last`` asks for images in that memory format.
+    """
     train = split == "train"
     if cfg.backend == "synthetic":
         return _synthetic_loader(cfg, world, device, seed + rank)
+    if cfg.backend == "dali":
+        from pipeline.data.dali import build_dali_loader  # optional dependency: imported only when asked for
+
+        return build_dali_loader(cfg, split, rank, world, device, seed=seed, channels_last=channels_last)
     root = Path(cfg.root)
     manifest = read_manifest(root)
     dataset = ShardedSamples(
