@@ -158,8 +158,8 @@ def run_search(cfg: Config) -> dict[str, Any]:
                 "delta": conf.get("prune.options.lossvar.delta"),
                 "status": "done" if m.get("final") else ("error" if result.error else "stopped"),
                 **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
-                                         "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s",
-                                         "started_at", "ended_at")},
+                                         "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable",
+                                         "speedup_efficiency", "epoch", "run_id", "wall_s", "started_at", "ended_at")},
             }
         )
     done = [r for r in rows if r["status"] == "done" and r["run_id"]]
@@ -176,7 +176,7 @@ def run_search(cfg: Config) -> dict[str, Any]:
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
     """The results table printed at the end of a search."""
     head = f"{'trial':<12} {'method':<12} {'ratio':>6} {'status':<8} {'top-1':>6} {'dense':>6} {'MACs red.':>9} " \
-           f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up':>8} {'eff.':>5}"
+           f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up [IQR]':>20} {'eff.':>5}"
     lines = [head, "-" * len(head)]
 
     def f(v, fmt):
@@ -189,14 +189,26 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str
         lines.append(
             f"{r['trial']:<12} {r['method']:<12} {knob:>6} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
             f"{f(r['dense_val_top1'], '.3f'):>6} {f(r['macs_reduction'], '.1%'):>9} {f(r['params_reduction'], '.1%'):>11} "
-            f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {f(r['speedup'], '.2f'):>7}x "
+            f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {_speed(r):>20} "
             f"{f(r['speedup_efficiency'], '.2f'):>5}{mark}"
         )
+    if any(r.get("speed_reliable") == 0 for r in rows):
+        lines.append("? speed too noisy to trust (speed_reliable = 0): another job shared the machine; re-measure alone")
     if best is not None:
         lines.append(f"* best trial: {best.get('registered', 'not registered')}")
     else:
         lines.append("no trial completed: nothing registered")
     return "\n".join(lines)
+
+
+def _speed(r: dict[str, Any]) -> str:
+    """``1.56x [1.50-1.61]``: the median speed-up and its interquartile range; ``?`` if unreliable."""
+    if not isinstance(r.get("speedup"), int | float):
+        return "-"
+    text = f"{r['speedup']:.2f}x"
+    if isinstance(r.get("speedup_low"), int | float) and isinstance(r.get("speedup_high"), int | float):
+        text += f" [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
+    return text + ("?" if r.get("speed_reliable") == 0 else " ")
 
 
 def _pretrain_worker(loop_config: dict[str, Any]) -> None:

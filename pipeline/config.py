@@ -100,7 +100,12 @@ class BaselineConfig(_Strict):
 class MeasureConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     warmup: int = Field(3, ge=0)
-    repeats: int = Field(10, ge=1)
+    # dense and pruned are timed in interleaved rounds; the speed-up is the median of the
+    # per-round ratios. A relative interquartile range above max_spread is measured again with
+    # twice the rounds (up to `attempts` times), then flagged speed_reliable = 0 if still noisy.
+    rounds: int = Field(12, ge=2, le=10_000)
+    max_spread: float = Field(0.10, gt=0.0, le=10.0)
+    attempts: int = Field(2, ge=1, le=10)
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
 
 

@@ -21,7 +21,8 @@ from pipeline.config import RegistryConfig
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # metrics copied onto a registered version as tags, so `promote` and users see them there
-VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_efficiency")
+VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
+                   "speedup_high", "speed_reliable", "speedup_efficiency")
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
