@@ -106,6 +106,8 @@ class MeasureConfig(_Strict):
     rounds: int = Field(12, ge=2, le=10_000)
     max_spread: float = Field(0.10, gt=0.0, le=10.0)
     attempts: int = Field(2, ge=1, le=10)
+    # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
+    fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
 
 

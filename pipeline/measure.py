@@ -9,6 +9,7 @@ noisy, flagged ``speed_reliable = 0`` rather than reported as a plain number.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -145,6 +146,43 @@ class SpeedUp:
         return (self.high - self.low) / self.speedup if self.speedup > 0 else math.inf
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm that follows a conv folded into the
+    conv's weights and bias (what a deployment does; exact in eval mode). Dense and pruned get
+    the same treatment, so a speed-up stays a fair comparison."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    for _, module in model.named_modules():
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+        if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
+                and isinstance(module[1], nn.BatchNorm2d):  # torchvision's downsample
+            module[0] = fuse_conv_bn_eval(module[0], module[1])
+            module[1] = nn.Identity()
+    return model
+
+
+def interleaved_times(
+    models: list[nn.Module], x: torch.Tensor, rounds: int, per_round: int, timer: Timer
+) -> list[list[float]]:
+    """Seconds per batch of each model in each round (median of ``per_round`` calls); the
+    order rotates every round, so no model always runs first (or right after another)."""
+    times: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        k = r % len(models)
+        order = list(range(k, len(models))) + list(range(k))
+        if r % 2 and len(models) > 2:
+            order.reverse()
+        for i in order:
+            times[i].append(statistics.median(timer(models[i], x) for _ in range(per_round)))
+    return times
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return q[0], statistics.median(values), q[2]
@@ -185,15 +223,8 @@ def interleaved_speedup(
             timer(m, x)
     n = rounds
     for attempt in range(1, attempts + 1):
-        ratios, dense_t, pruned_t = [], [], []
-        for r in range(n):
-            order = (0, 1) if r % 2 == 0 else (1, 0)
-            t = [0.0, 0.0]
-            for i in order:
-                t[i] = statistics.median(timer(models[i], x) for _ in range(per_round))
-            dense_t.append(t[0])
-            pruned_t.append(t[1])
-            ratios.append(t[0] / t[1])
+        dense_t, pruned_t = interleaved_times(models, x, n, per_round, timer)
+        ratios = [d / p for d, p in zip(dense_t, pruned_t, strict=True)]
         low, mid, high = _quartiles(ratios)
         result = SpeedUp(mid, low, high, batch_size / statistics.median(dense_t), batch_size / statistics.median(pruned_t),
                          n, attempt, reliable=False)
@@ -217,13 +248,16 @@ def compare(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     timer: Timer | None = None,
+    fold_bn: bool = False,
 ) -> dict[str, float]:
-    """What the pruned model is worth beside the dense one: MACs, params and measured speed.
+    """What the pruned model is worth beside the dense one: MACs, params and measured speed
+    (of inference copies with BatchNorm folded into the convs when ``fold_bn``).
 
     ``speed_reliable`` is 1.0 or 0.0 (a number, so MLflow keeps it as a metric); when it is 0
     the speed figures are reported with their spread and must not be read as a plain number.
     """
-    s = interleaved_speedup(dense, pruned, image_size, batch_size=batch_size, rounds=rounds, warmup=warmup,
+    timed = (fold_batchnorm(dense), fold_batchnorm(pruned)) if fold_bn else (dense, pruned)
+    s = interleaved_speedup(*timed, image_size, batch_size=batch_size, rounds=rounds, warmup=warmup,
                             max_spread=max_spread, attempts=attempts, device=device, amp_dtype=amp_dtype,
                             channels_last=channels_last, timer=timer)
     dense_macs, pruned_macs = count_macs(dense, image_size), count_macs(pruned, image_size)

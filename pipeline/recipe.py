@@ -105,6 +105,7 @@ def _measure(dense: nn.Module, pruned: nn.Module, cfg: Config, info: DistInfo) -
                 rounds=cfg.measure.rounds,
                 max_spread=cfg.measure.max_spread,
                 attempts=cfg.measure.attempts,
+                fold_bn=cfg.measure.fold_bn,
                 device=info.device,
                 amp_dtype=amp_dtype(cfg.train.amp, info.device),
                 channels_last=use_channels_last(cfg.train.channels_last, info.device),
