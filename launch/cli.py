@@ -64,7 +64,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = ensure_baseline(cfg)
     result = run_search(cfg)
     print()
-    print(format_table(result["rows"], result["best"]))
+    print(format_table(result["rows"], result["best"], result.get("why")))
+    if result.get("plot"):
+        print(f"Pareto plot: {result['plot']}")
     return 0 if result["best"] is not None else 1
 
 
