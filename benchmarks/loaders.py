@@ -8,15 +8,19 @@ Generates an ImageNet-like shard set once (JPEG quality 90, ImageNet's typical s
 flip, normalise to float32): DALI with N CPU threads against a PyTorch DataLoader with N
 worker processes. Rounds alternate the configurations (A B A B ...) so that load from other
 processes hits them alike; the table gives the median images/s, the spread (min–max over
-rounds), images/s per core and the load average seen. The first batch of each epoch (pipeline
-build, worker start-up) is not timed.
+rounds), images/s per core, images per CPU-second (this process's threads plus its worker
+processes: robust to load from other processes, unlike wall time) and the load average seen.
+Both are steady-state rates: from the first batch of an epoch to its last-but-one, so pipeline
+build, worker start-up and shut-down are left out alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -65,30 +69,49 @@ def make_imagenet_like(root: Path, images: int, per_shard: int = 64, seed: int =
     return root
 
 
-def epoch_rate(cfg: DataConfig, epoch: int) -> float:
-    """Images per second over one training epoch, its first batch not timed."""
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads) and of its live child processes (the
+    DataLoader workers), from /proc: Linux only."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    total, tick, pid = me.ru_utime + me.ru_stime, os.sysconf("SC_CLK_TCK"), os.getpid()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a process that just ended
+        if int(fields[1]) == pid:  # fields[1] is the parent pid; utime, stime are fields 11, 12
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def epoch_rate(cfg: DataConfig, epoch: int) -> tuple[float, float]:
+    """One training epoch, steady state (from the first batch to the last-but-one: no start-up,
+    no worker shut-down): (images per second of wall time, images per CPU-second)."""
     loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"), seed=0)
     loader.set_epoch(epoch)
     it = iter(loader)
     next(it)
-    n, t0 = 0, time.perf_counter()
-    for images, _ in it:
+    n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
+    for i, (images, _) in enumerate(it, start=2):
+        if i == len(loader):  # measure before the last batch: workers exit after it
+            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            break
         n += images.shape[0]
-    rate = n / (time.perf_counter() - t0)
     del it, loader
-    return rate
+    gc.collect()
+    return n / wall, n / cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="folder for the generated set (default: a temp folder)")
-    ap.add_argument("--images", type=int, default=384)
+    ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    for name, v, lo in (("--images", args.images, 2 * args.batch), ("--rounds", args.rounds, 1), ("--batch", args.batch, 1)):
+    for name, v, lo in (("--images", args.images, 4 * args.batch), ("--rounds", args.rounds, 1), ("--batch", args.batch, 1)):
         if v < lo:
             ap.error(f"{name} {v}: must be at least {lo}")
     torch.set_num_threads(1)  # the main process only receives batches; the workers/threads do the work
@@ -103,23 +126,28 @@ def main() -> None:
                       shuffle_buffer=256)
     configs = [(backend, w) for w in args.workers for backend in ("dali", "webdataset")]
     rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    per_cpu: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     load = [os.getloadavg()[0]]
     for r in tqdm(range(args.rounds + 1), desc="rounds", leave=False):
-        for backend, w in configs if r % 2 == 0 else configs[::-1]:
-            rate = epoch_rate(base.model_copy(update={"backend": backend, "num_workers": w}), r)
+        for c in configs if r % 2 == 0 else configs[::-1]:
+            rate, cpu_rate = epoch_rate(base.model_copy(update={"backend": c[0], "num_workers": c[1]}), r)
             if r > 0:  # round 0 warms the page cache and the allocators
-                rates[(backend, w)].append(rate)
+                rates[c].append(rate)
+                per_cpu[c].append(cpu_rate)
         load.append(os.getloadavg()[0])
     print(f"# {args.images} JPEGs (q90, ~500x375), imagenet train transforms at {args.size}, batch {args.batch}, "
           f"{args.rounds} rounds (alternating), {os.cpu_count()} cores, 1-min load average {min(load):.2f}..{max(load):.2f}")
-    print("| loader | workers/threads | img/s (median) | spread (min–max) | img/s per core | DALI ÷ PyTorch |")
-    print("|---|---|---|---|---|---|")
+    print("| loader | workers/threads | img/s (median) | spread (min–max) | img/s per core | img per CPU-s (median) "
+          "| DALI ÷ PyTorch per core | DALI ÷ PyTorch per CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
     for w in args.workers:
         med = {b: statistics.median(rates[(b, w)]) for b in ("dali", "webdataset")}
+        cpu = {b: statistics.median(per_cpu[(b, w)]) for b in ("dali", "webdataset")}
         for b, label in (("dali", "DALI CPU"), ("webdataset", "PyTorch DataLoader")):
             v = rates[(b, w)]
-            ratio = f"{med['dali'] / med['webdataset']:.2f}x" if b == "dali" else ""
-            print(f"| {label} | {w} | {med[b]:.1f} | {min(v):.1f}–{max(v):.1f} | {med[b] / w:.1f} | {ratio} |")
+            ratios = (f"{med['dali'] / med['webdataset']:.2f}x | {cpu['dali'] / cpu['webdataset']:.2f}x"
+                      if b == "dali" else " | ")
+            print(f"| {label} | {w} | {med[b]:.1f} | {min(v):.1f}–{max(v):.1f} | {med[b] / w:.1f} | {cpu[b]:.1f} | {ratios} |")
     if tmp is not None:
         tmp.cleanup()
 

@@ -162,6 +162,9 @@ def test_contract_types_and_channels_last(small):
         assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert images.is_contiguous() != channels_last
         assert ld.num_classes == 10 and ld.errors.total == 0
+        assert not list(ld._tmp.rglob("*.idx"))  # index files go once DALI has parsed them
+        ld.close()
+        assert not ld._tmp.exists()
 
 
 def test_pixels_match_pytorch_loader(tmp_path):

@@ -50,6 +50,7 @@ from pipeline.data.errors import BadDataError, BadSampleLog, parse_label
 from pipeline.data.manifest import DatasetError, read_manifest
 from pipeline.data.shards import split_name
 
+PREFETCH = 2  # batches DALI prepares ahead (its prefetch_queue_depth)
 LABEL_BYTES = 32  # .cls payloads are read up to this length; longer ones are bad labels
 _SPACE = (9, 10, 11, 12, 13, 28, 29, 30, 31, 32)  # what Python's str.strip() removes from ASCII
 
@@ -214,7 +215,8 @@ class DaliLoader:
                        + max(len(c.name) for e in s.entries for c in e.components) for s in segments)
         size, dec = self.cfg.image_size, "mixed" if self.device_id is not None else "cpu"
         pipe = self._Pipeline(batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.num_workers),
-                              device_id=self.device_id, seed=_seed(self.seed, self.epoch, self.rank, attempt))
+                              device_id=self.device_id, seed=_seed(self.seed, self.epoch, self.rank, attempt),
+                              prefetch_queue_depth=PREFETCH)
         with pipe:
             jpg, cls = fn.readers.webdataset(
                 paths=paths, index_paths=indexes, ext=[IMAGE_EXT, LABEL_EXT], missing_component_behavior="empty",
@@ -229,6 +231,7 @@ class DaliLoader:
             info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[info_len], axes=[0])
             pipe.set_outputs(img, label, cls.shape(), info)
         pipe.build()
+        shutil.rmtree(folder, ignore_errors=True)  # the reader parsed the indexes at build: no pile-up over epochs
         return pipe
 
     def _torch(self, tl: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -243,9 +246,15 @@ class DaliLoader:
         short), with the number of chunk samples each consumed."""
         img_device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
         cpu = torch.device("cpu")
+        scheduled = 0
         for _ in range(batches):
             try:
-                out = pipe.run()
+                # pipe.run() would schedule one batch beyond each one taken, so PREFETCH - 1 batches
+                # past the epoch's end get decoded and thrown away; schedule only what is owed
+                if scheduled < batches:
+                    pipe.schedule_run()  # the first call queues PREFETCH batches, later ones one each
+                    scheduled += PREFETCH if scheduled == 0 else 1
+                out = pipe.outputs()
             except RuntimeError as err:  # DALI reports a failed batch (e.g. undecodable bytes) this way
                 raise _DaliFailure(str(err)) from None
             n = min(self.cfg.batch_size, samples)
