@@ -188,6 +188,42 @@ def test_pixels_match_pytorch_loader(tmp_path):
         assert levels.max() <= 4.0 and levels.mean() <= 0.5, (augment, levels.max(), levels.mean())
 
 
+def test_light_train_is_a_padded_random_crop(tmp_path):
+    """augment light, train: each image is one of the (2p + 1)² windows of the zero-padded
+    source (torchvision's RandomCrop(size, padding=p)), never flipped, and the windows vary."""
+    make_set(tmp_path, [24], sizes=[(16, 16)])
+    ld = build_dali_loader(cfg(tmp_path, augment="light", shuffle_buffer=0), "train", 0, 1, CPU)
+    ld.trace = []
+    images = torch.cat([x for x, _ in ld])
+    entries = {e.key: e for e in read_index(index_path(tmp_path / "data/shard-000.tar"))}
+    tar = (tmp_path / "data/shard-000.tar").read_bytes()
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    pad, offsets = 2, set()
+    for img, (_, key) in zip(images, ld.trace, strict=True):
+        c = next(c for c in entries[key].components if c.ext == "jpg")
+        src = torch.from_numpy(np.asarray(Image.open(io.BytesIO(tar[c.offset:c.offset + c.size])).convert("RGB")))
+        padded = torch.nn.functional.pad(src.permute(2, 0, 1).float(), (pad,) * 4)
+        windows = {(dy, dx): ((padded[:, dy:dy + 16, dx:dx + 16] / 255 - mean) / std) for dy in range(5) for dx in range(5)}
+        err, where = min(((img - w).abs().max().item(), k) for k, w in windows.items())
+        assert err < 1e-4, (key, err)
+        offsets.add(where)
+    assert len(offsets) > 5
+
+
+def test_imagenet_train_flips_half_the_time(tmp_path):
+    """augment imagenet, train: a left-dark, right-bright source comes out mirrored about half
+    the time (RandomHorizontalFlip), and at the requested size whatever the crop."""
+    ramp = np.repeat(np.repeat(np.linspace(0, 255, 96)[None, :, None], 64, 0), 3, 2).astype(np.uint8)
+    entries = [{"path": "data/r.tar", "count": 64, "index": "data/r.idx"}]
+    write_shard(tmp_path / "data/r.tar", ({"__key__": f"r{i:03d}", "jpg": jpeg(ramp), "cls": "1"} for i in range(64)))
+    write_manifest(tmp_path, {"name": "r", "num_classes": 2, "image_size": 16, "mean": MEAN, "std": STD,
+                              "splits": {"train": entries, "val": entries}})
+    images = torch.cat([x for x, _ in build_dali_loader(cfg(tmp_path, augment="imagenet"), "train", 0, 1, CPU)])
+    assert images.shape == (64, 3, 16, 16)
+    mirrored = (images[..., :8].mean((1, 2, 3)) > images[..., 8:].mean((1, 2, 3))).float().mean().item()
+    assert 0.25 < mirrored < 0.75
+
+
 def test_parse_labels_agrees_with_parse_label():
     payloads = [b"3", b" 4\n", b"007", b"", b"1 2", b"-1", b"abc", b"5", b"1234567890", b"\x1c2\t", b"3.0",
                 b"+3", "٣".encode(), b"0" * 40, b"4" + b" " * 40, b"2\x00", b"199", b"200", b"1 9"]

@@ -99,17 +99,17 @@ def _bad_label_reason(raw: bytes, length: int, num_classes: int) -> str:
 
 
 # Transforms per data.augment, mirroring pipeline.data.loaders._transforms. Each returns the
-# uint8 HWC image, a mirror flag (or 0) and whether crop_mirror_normalize should centre-crop.
-def _random_resized_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any, bool]:
+# uint8 HWC image of size × size and a mirror flag (or 0).
+def _random_resized_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     # torchvision's RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 attempts), decoding
     # only the window; bilinear antialiased resize as torchvision's antialias=True
     img = fn.decoders.image_random_crop(jpg, device=dec, output_type=types.RGB, random_area=[0.08, 1.0],
                                         random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
     img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
-    return img, fn.random.coin_flip(probability=0.5), False
+    return img, fn.random.coin_flip(probability=0.5)
 
 
-def _resize_shorter_centre_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any, bool]:
+def _resize_shorter_centre_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     # torchvision's Resize(s) + CenterCrop(size), to the pixel: the longer side is
     # floor(s * long / short) (DALI's resize_shorter rounds it instead) and the crop's corner is
     # round-half-even((H - size) / 2) as Python's round(); integer arithmetic, so exact
@@ -126,24 +126,27 @@ def _resize_shorter_centre_crop(fn, types, jpg, dec: str, size: int) -> tuple[An
     half = [(d - size) // 2 for d in (new_h, new_w)]
     corner = [k + ((d - size) % 2) * (k % 2) for k, d in zip(half, (new_h, new_w), strict=True)]
     img = fn.slice(img, fn.cast(fn.stack(*corner), dtype=types.INT32), [size, size], axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
-    return img, 0, False
+    return img, 0
 
 
-def _resize_square(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any, bool]:
+def _resize_square(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
-    return fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True), 0, False
+    return fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True), 0
 
 
-def _padded_random_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any, bool]:
+def _padded_random_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     # torchvision's RandomCrop(size, padding=p): window top-left uniform in [-p, H + p - size]
     # (integers), zeros outside the image; no flip (digits are not mirror-symmetric)
+    from nvidia.dali import math as dmath
+
     pad = max(1, size // 8)
     img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
     shape = fn.peek_image_shape(jpg, dtype=types.FLOAT)
-    y, x = (fn.cast(fn.random.uniform(range=[0.0, 1.0]) * (shape[a] + (2 * pad - size + 1)), dtype=types.INT32) - pad
-            for a in (0, 1))
+    # floor before the cast: DALI's float-to-int cast rounds to nearest, which would reach p + 1
+    y, x = (fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (shape[a] + (2 * pad - size + 1))),
+                    dtype=types.INT32) - pad for a in (0, 1))
     img = fn.slice(img, fn.stack(y, x), [size, size], axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
-    return img, 0, False
+    return img, 0
 
 
 _TRAIN = {"imagenet": _random_resized_crop, "light": _padded_random_crop, "none": _resize_square}
@@ -222,10 +225,10 @@ class DaliLoader:
                 paths=paths, index_paths=indexes, ext=[IMAGE_EXT, LABEL_EXT], missing_component_behavior="empty",
                 random_shuffle=self.train and self.cfg.shuffle_buffer > 1, initial_fill=max(1, self.cfg.shuffle_buffer),
                 num_shards=1, shard_id=0, name="Reader")
-            img, mirror, centre = (_TRAIN if self.train else _VAL)[self.cfg.augment](fn, types, jpg, dec, size)
+            img, mirror = (_TRAIN if self.train else _VAL)[self.cfg.augment](fn, types, jpg, dec, size)
             img = fn.crop_mirror_normalize(
                 img, dtype=types.FLOAT, output_layout="HWC" if self.channels_last else "CHW", mirror=mirror,
-                crop=(size, size) if centre else None, mean=[255 * m for m in self.mean], std=[255 * s for s in self.std])
+                mean=[255 * m for m in self.mean], std=[255 * s for s in self.std])
             label = fn.pad(fn.slice(cls, 0, LABEL_BYTES, axes=[0], out_of_bounds_policy="trim_to_shape"),
                            fill_value=0, shape=[LABEL_BYTES], axes=[0])
             info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[info_len], axes=[0])
