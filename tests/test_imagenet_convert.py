@@ -364,3 +364,35 @@ def test_killed_conversion_resumes(mini, tmp_path):
     assert sum(s["count"] for s in manifest["splits"]["train"]) == len(mini.train) - lost
     labels = Counter(v[1] for v in _samples(out, "val").values())
     assert labels == Counter(mini.label(r) for r in mini.val)
+
+
+def test_stats_are_those_of_the_eval_view(converted, tmp_path):
+    """--stats: per-channel mean/std of the pixels torchvision's eval transform yields
+    (Resize(256) + CenterCrop(224)), every image weighing the same."""
+    import torch
+    from torchvision.transforms import v2 as T
+
+    from pipeline.data.imagenet_stats import compute_stats
+
+    _, out = converted
+    view = T.Compose([T.ToImage(), T.Resize(256, antialias=True), T.CenterCrop(224), T.ToDtype(torch.float64, scale=True)])
+    pixels = torch.cat([view(Image.open(io.BytesIO(jpg)).convert("RGB")).reshape(3, -1)
+                        for jpg, _, _ in _samples(out, "train").values()], dim=1)
+    shards = read_manifest(out)["splits"]["train"]
+    mean, std = compute_stats(out, shards, 10_000, seed=0, progress=False)  # more than there are: all of them
+    assert np.allclose(mean, pixels.mean(1).numpy(), atol=0.001)
+    assert np.allclose(std, pixels.std(1).numpy(), atol=0.001)
+    # a seeded subset: what the conversion writes into the manifest
+    sub = compute_stats(out, shards, 40, seed=7, progress=False)
+    assert sub != (mean, std) and sub == compute_stats(out, shards, 40, seed=7, progress=False)
+
+
+def test_stats_option_fills_the_manifest(tmp_path):
+    from pipeline.data.imagenet_stats import compute_stats
+
+    mini = _small(tmp_path / "src")
+    result = _convert(mini.root, tmp_path / "out", per_shard=8, devkit=mini.devkit, stats=12, seed=5)
+    manifest = read_manifest(tmp_path / "out")
+    mean, std = compute_stats(tmp_path / "out", manifest["splits"]["train"], 12, seed=5, progress=False)
+    assert manifest["mean"] == tuple(round(x, 4) for x in mean) and manifest["std"] == tuple(round(x, 4) for x in std)
+    assert "computed from 12 train images" in result.summary()

@@ -363,7 +363,7 @@ def convert_imagenet(opts: ConvertOptions) -> ConversionResult:
             raise DatasetError(f"--src {opts.src}: every {split} image was skipped (see {out / STATE_DIR})")
     mean, std, how = IMAGENET_MEAN, IMAGENET_STD, "ImageNet's standard"
     if opts.stats:
-        mean, std = compute_stats(out, splits["train"], opts.stats, opts.seed, opts.progress)
+        mean, std = compute_stats(out, splits["train"], opts.stats, opts.seed, opts.image_size, opts.progress)
         how = f"computed from {opts.stats} train images (seed {opts.seed})"
     converted: Counter[str] = Counter()
     for r in records.values():
