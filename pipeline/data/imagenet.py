@@ -25,6 +25,7 @@ recommended 100 MB–1 GB, with 1252 train shards: enough for 64 ranks × severa
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -277,18 +278,25 @@ def _clean_temporaries(out: Path) -> None:
 def _run_tasks(opts: ConvertOptions, tasks: list[ShardTask], total: int, done: int) -> int:
     """Write the shards of ``tasks`` (in a pool when more than one worker helps); returns workers used."""
     workers = min(opts.workers or 1, len(tasks)) or 1
-    bar = tqdm(total=total, initial=done, desc="imagenet", unit="img", disable=not opts.progress,
-               dynamic_ncols=True)
+
+    def bar() -> tqdm:
+        return tqdm(total=total, initial=done, desc="imagenet", unit="img", disable=not opts.progress,
+                    dynamic_ncols=True)
+
     try:
         if workers == 1:
-            for task in tasks:
-                convert_shard(task, tick=bar.update)
+            with bar() as progress:
+                for task in tasks:
+                    convert_shard(task, tick=progress.update)
             return 1
         # fork: a worker needs only this module, already imported (spawn would import torch again
-        # through pipeline.data in every worker)
+        # through pipeline.data in every worker). The pool starts before the bar's monitor thread.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
         counter = ctx.Value("q", 0)
-        with ctx.Pool(workers, initializer=init_worker, initargs=(counter,)) as pool:
+        # the plan of full ImageNet is ~0.5 GB of Python objects: frozen, the workers' garbage
+        # collector does not walk (and so copy-on-write duplicate) them
+        gc.freeze()
+        with ctx.Pool(workers, initializer=init_worker, initargs=(counter,)) as pool, bar() as progress:
             results = pool.imap_unordered(convert_shard, tasks, chunksize=1)
             for _ in range(len(tasks)):
                 while True:
@@ -296,15 +304,15 @@ def _run_tasks(opts: ConvertOptions, tasks: list[ShardTask], total: int, done: i
                         results.next(timeout=0.25)
                         break
                     except mp.TimeoutError:
-                        bar.update(done + counter.value - bar.n)
-                bar.update(done + counter.value - bar.n)
+                        progress.update(done + counter.value - progress.n)
+                progress.update(done + counter.value - progress.n)
         return workers
     except KeyboardInterrupt:
         raise DatasetError("interrupted: rerun the same command to continue (finished shards are kept)") from None
     except OSError as err:
         raise DatasetError(f"--out {opts.out}: writing a shard failed ({type(err).__name__}: {err})") from None
     finally:
-        bar.close()
+        gc.unfreeze()
 
 
 def _verify(tree: SourceTree, plan: dict[str, Any], records: dict[str, dict[str, Any]], out: Path) -> dict[str, int]:

@@ -7,12 +7,17 @@
   stream reads: truncated files fail there. Grayscale JPEGs are kept: DALI's CPU decoder with
   ``output_type=types.RGB`` and PIL's ``convert("RGB")`` both return the same 3-channel pixels
   (checked with DALI 2.4 and Pillow 13, see tests/test_imagenet_convert.py);
-- a CMYK or YCCK JPEG (PIL reports both as mode CMYK; libjpeg turns YCCK into CMYK, and PIL
-  undoes Adobe's inverted CMYK): converted once to RGB and re-encoded (quality 95, 4:4:4). Decoders
-  disagree about CMYK (nvJPEG's GPU path, TF's ``decode_jpeg`` and colour-managed readers each
-  do their own thing), so every loader gets the same RGB pixels;
-- any other format PIL reads (PNG disguised as ``.JPEG``, ...): converted to RGB JPEG (q95, 4:4:4);
-  the ``.jpg`` extension in a shard promises JPEG;
+- a CMYK or YCCK JPEG (PIL reports both as mode CMYK: libjpeg turns YCCK into CMYK and PIL
+  undoes Adobe's inverted CMYK): converted once to RGB and re-encoded (quality 95, 4:4:4).
+  PIL 13 and DALI 2.4's CPU decoder gave the same pixels for a PIL-written CMYK file (a one-off check),
+  but CMYK → RGB has no single answer without a colour profile (colour-managed readers apply
+  the ICC profile, nvJPEG needs an allow-CMYK flag), so the conversion is done once and every
+  loader sees the same RGB. TensorFlow's reference converter (tensorflow/models,
+  ``build_imagenet_data.py``) converts ImageNet's 22 CMYK files too, from a hard-coded list of
+  names; here they are found by their bytes;
+- any other format PIL reads (ImageNet's one PNG named ``.JPEG``, ...): converted to RGB JPEG
+  (q95, 4:4:4): the ``.jpg`` extension in a shard promises JPEG, and DALI's GPU decoder sends
+  other formats back to the CPU (NVIDIA/DALI#785);
 - anything else (empty, unknown format, truncated, corrupt): skipped with a reason, never written.
 """
 

@@ -45,11 +45,15 @@ class MiniImageNet:
         return rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
 
 
-def _image(rng: np.random.Generator, colour: np.ndarray, size_range: tuple[int, int]) -> np.ndarray:
-    lo, hi = size_range
-    w = int(rng.integers(lo, hi + 1))
-    h = int(rng.integers(lo, hi))
-    h += h >= w  # never square
+def _image(rng: np.random.Generator, colour: np.ndarray, size_range: tuple[int, int],
+           size: tuple[int, int] | None) -> np.ndarray:
+    if size is not None:
+        w, h = size
+    else:
+        lo, hi = size_range
+        w = int(rng.integers(lo, hi + 1))
+        h = int(rng.integers(lo, hi))
+        h += h >= w  # never square
     noise = rng.integers(-45, 46, size=(h, w, 3), dtype=np.int16)
     return (colour.astype(np.int16) + noise).clip(0, 255).astype(np.uint8)
 
@@ -93,6 +97,7 @@ def make_mini_imagenet(
     seed: int = 0,
     flat_val: bool = True,
     size_range: tuple[int, int] = (200, 500),
+    size: tuple[int, int] | None = None,
     gray: int = 3,
     cmyk: int = 3,
     png: int = 2,
@@ -102,6 +107,7 @@ def make_mini_imagenet(
 ) -> MiniImageNet:
     """Write a miniature ImageNet tree under ``root`` and describe it (see the module docstring).
 
+    ``size`` = (width, height) fixes every image's size instead of drawing it from ``size_range``.
     ``labels`` chooses the flat-val label files written into ``root``: ``devkit``
     (``ILSVRC2012_devkit_t12/``), ``kaggle`` (``LOC_val_solution.csv``), ``csv`` (``val_labels.csv``).
     """
@@ -130,7 +136,7 @@ def make_mini_imagenet(
     for rel in every:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_encode(_image(rng, colours[index[wnid_of[rel]]], size_range), kinds[rel], quality))
+        path.write_bytes(_encode(_image(rng, colours[index[wnid_of[rel]]], size_range, size), kinds[rel], quality))
 
     ids = dict(zip(wnids, (rng.permutation(classes) + 1).tolist(), strict=True))  # ID order ≠ wnid order
     val_rows = [(MiniImageNet.key(rel), wnid) for rel, wnid in mini.val.items()]
