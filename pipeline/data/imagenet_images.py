@@ -8,7 +8,8 @@
   ``output_type=types.RGB`` and PIL's ``convert("RGB")`` both return the same 3-channel pixels
   (checked with DALI 2.4 and Pillow 13, see tests/test_imagenet_convert.py);
 - a CMYK or YCCK JPEG (PIL reports both as mode CMYK: libjpeg turns YCCK into CMYK and PIL
-  undoes Adobe's inverted CMYK): converted once to RGB and re-encoded (quality 95, 4:4:4).
+  undoes Adobe's inverted CMYK; YCCK is untested, Pillow cannot write one): converted once to
+  RGB and re-encoded (quality 95, 4:4:4).
   PIL 13 and DALI 2.4's CPU decoder gave the same pixels for a PIL-written CMYK file (a one-off check),
   but CMYK → RGB has no single answer without a colour profile (colour-managed readers apply
   the ICC profile, nvJPEG needs an allow-CMYK flag), so the conversion is done once and every
