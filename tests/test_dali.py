@@ -387,3 +387,25 @@ def test_two_processes_match_one(tmp_path, small):
     assert not set(map(tuple, ranks[0]["keys"])) & set(map(tuple, ranks[1]["keys"]))
     assert ["data/shard-001.tar", "s1_004"] not in ranks[0]["keys"] + ranks[1]["keys"]
     assert ranks[0]["bad_records"] + ranks[1]["bad_records"] == 1  # recorded once, by the rank that met it
+
+
+def test_exif_orientation_is_ignored_as_pil_and_torchvision_ignore_it(tmp_path):
+    """A JPEG tagged 'rotate 90°' (EXIF orientation 6, common in photo collections) gives the
+    same pixels through DALI as through the PyTorch loader: DALI would rotate it by default."""
+    from pipeline.data.loaders import build_loader
+
+    def tag(sample):
+        img = Image.open(io.BytesIO(sample["jpg"]))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+        sample["jpg"] = buf.getvalue()
+
+    make_set(tmp_path, [4], sizes=[(120, 200)], edit=tag)
+    for augment in ("imagenet", "none"):
+        c = cfg(tmp_path, image_size=32, augment=augment)
+        d = torch.cat([x for x, _ in build_dali_loader(c, "val", 0, 1, CPU)])
+        p = torch.cat([x for x, _ in build_loader(c.model_copy(update={"backend": "webdataset"}), "val", 0, 1, CPU)])
+        levels = (d - p).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255
+        assert levels.mean() <= 0.5, (augment, levels.mean())

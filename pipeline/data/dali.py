@@ -99,11 +99,13 @@ def _bad_label_reason(raw: bytes, length: int, num_classes: int) -> str:
 
 
 # Transforms per data.augment, mirroring pipeline.data.loaders._transforms. Each returns the
-# uint8 HWC image of size × size and a mirror flag (or 0).
+# uint8 HWC image of size × size and a mirror flag (or 0). EXIF orientation is ignored
+# (adjust_orientation=False), as PIL and torchvision ignore it: both loaders, and the weights
+# trained through either, must see the same pixels of a tagged JPEG.
 def _random_resized_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     # torchvision's RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3), 10 attempts), decoding
     # only the window; bilinear antialiased resize as torchvision's antialias=True
-    img = fn.decoders.image_random_crop(jpg, device=dec, output_type=types.RGB, random_area=[0.08, 1.0],
+    img = fn.decoders.image_random_crop(jpg, device=dec, output_type=types.RGB, adjust_orientation=False, random_area=[0.08, 1.0],
                                         random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
     img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
     return img, fn.random.coin_flip(probability=0.5)
@@ -116,11 +118,11 @@ def _resize_shorter_centre_crop(fn, types, jpg, dec: str, size: int) -> tuple[An
     from nvidia.dali import math as dmath
 
     s = int(round(size / 0.875))
-    shape = fn.peek_image_shape(jpg, dtype=types.INT64)
+    shape = fn.peek_image_shape(jpg, dtype=types.INT64, adjust_orientation=False)
     h, w = shape[0], shape[1]
     short = dmath.min(h, w)
     new_h, new_w = (s * h) // short, (s * w) // short
-    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
+    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB, adjust_orientation=False)
     img = fn.resize(img, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT), interp_type=types.INTERP_LINEAR,
                     antialias=True)
     half = [(d - size) // 2 for d in (new_h, new_w)]
@@ -130,7 +132,7 @@ def _resize_shorter_centre_crop(fn, types, jpg, dec: str, size: int) -> tuple[An
 
 
 def _resize_square(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
-    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
+    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB, adjust_orientation=False)
     return fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True), 0
 
 
@@ -140,8 +142,8 @@ def _padded_random_crop(fn, types, jpg, dec: str, size: int) -> tuple[Any, Any]:
     from nvidia.dali import math as dmath
 
     pad = max(1, size // 8)
-    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB)
-    shape = fn.peek_image_shape(jpg, dtype=types.FLOAT)
+    img = fn.decoders.image(jpg, device=dec, output_type=types.RGB, adjust_orientation=False)
+    shape = fn.peek_image_shape(jpg, dtype=types.FLOAT, adjust_orientation=False)
     # floor before the cast: DALI's float-to-int cast rounds to nearest, which would reach p + 1
     y, x = (fn.cast(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (shape[a] + (2 * pad - size + 1))),
                     dtype=types.INT32) - pad for a in (0, 1))
