@@ -215,3 +215,47 @@ def test_slurm_script_runs_a_trial_on_two_nodes(tmp_path, digits_root):
     for v in logs.values():
         assert "group_world_size=2" in v and "global_world_sizes=[2]" in v and "master_addr=127.0.0.1" in v
     assert "pruned model:" in logs[0] + logs[1]  # rank 0's summary, printed once
+
+
+# --- the deepspeed launcher ---------------------------------------------------------------------
+
+
+def test_hostfile_example_parses_with_deepspeeds_parser():
+    from deepspeed.launcher.runner import _parse_hostfile
+
+    hosts = _parse_hostfile(HOSTFILE.read_text().splitlines())
+    assert len(hosts) >= 2 and all(slots > 0 for slots in hosts.values())
+
+
+def test_cli_accepts_the_deepspeed_launchers_local_rank(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = ["data", "synthetic", "--out", str(tmp_path / "d"), "--train-samples", "4", "--val-samples", "2"]
+    assert cli_main(["--local_rank=1", *args]) == 0
+    assert os.environ["LOCAL_RANK"] == "1"  # filled in where no launcher set it
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli_main(["--local_rank=1", *args]) == 0
+    assert os.environ["LOCAL_RANK"] == "0"  # the launcher's environment wins
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_the_cli_on_two_nodes(tmp_path, digits_root):
+    """The deepspeed launcher, one per "node" (--no_ssh --node_rank: no pdsh/ssh here), runs
+    `--module launch.cli prune` as one 2-rank job; the launcher adds --local_rank to the CLI."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port, out = free_port(), tmp_path / "run"
+    cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "--module", "launch.cli", "prune", str(ROOT / "configs" / "demo.yaml"),
+           f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32", f"output_dir={out}",
+           "prune.method=l1", "train.budget_epochs=1", "train.bn_recalib_batches=2", "measure.repeats=2",
+           "measure.warmup=1", "registry.enabled=false"]
+    opts = {"cwd": ROOT, "env": run_env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    procs = [subprocess.Popen([cmd[0], cmd[1], cmd[2], cmd[3], f"--node_rank={r}", *cmd[4:]], **opts) for r in range(2)]
+    results = wait_all(procs, timeout=300)
+    for rc, log in results:
+        assert rc == 0, log[-3000:]
+        assert "dist_world_size=2" in log and "'--local_rank=0', 'prune'" in log
+    assert (out / "model" / "spec.json").is_file()
+    # one job of two ranks, not two jobs of one: only global rank 0 prints the summary
+    assert sum(log.count("pruned model:") for _, log in results) == 1
+
