@@ -259,3 +259,153 @@ def test_deepspeed_launcher_runs_the_cli_on_two_nodes(tmp_path, digits_root):
     # one job of two ranks, not two jobs of one: only global rank 0 prints the summary
     assert sum(log.count("pruned model:") for _, log in results) == 1
 
+
+
+# --- the cluster manifests and the documented commands ------------------------------------------
+
+# RayJob fields of KubeRay's ray.io/v1 API (ray-operator/apis/ray/v1): a typo there is silently
+# dropped by a lenient apply, so the manifest's keys are checked against them.
+RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+               "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML",
+               "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus", "entrypointNumGpus",
+               "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule"}
+RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs",
+                   "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+HEAD_GROUP = {"rayStartParams", "template", "serviceType", "headService", "enableIngress", "resources", "labels"}
+WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams", "template",
+                "scaleStrategy", "numOfHosts", "suspend", "resources", "labels"}
+IMAGE_DIR = "/app/"  # the Dockerfile's WORKDIR: the repository's files sit there in the image
+
+
+def runs_prunepipe(argv: list[str]) -> int | None:
+    """Where the CLI's subcommand starts in a command line: after `prunepipe`, `launch.cli`, an
+    image of the project (its entrypoint is prunepipe), or `launch/slurm.sbatch` (which runs
+    `prune` with its arguments); None if the line runs no prune/search/pretrain."""
+    for i, a in enumerate(argv):
+        if a in ("prunepipe", "launch.cli") or re.fullmatch(r"\S+/prunepipe:(gpu|cpu)", a):
+            rest = [x for x in argv[i + 1:] if not x.startswith("--local_rank")]
+            if rest and rest[0] in ("prune", "search", "pretrain"):
+                return argv.index(rest[0])
+        if a == "launch/slurm.sbatch":
+            return i
+    return None
+
+
+def check_prunepipe_command(argv: list[str]) -> tuple[Path, list[str]]:
+    """The config a prunepipe command names (must exist; `/app/...` is the image's copy of the
+    repository) and its key=value overrides."""
+    start = runs_prunepipe(argv)
+    assert start is not None, argv
+    args = argv[start:]
+    config = ROOT / args[1].removeprefix(IMAGE_DIR)
+    assert config.is_file(), f"{argv}: {args[1]} is not a config in the repository"
+    overrides = [a for a in args[2:] if "=" in a and not a.startswith("-")]
+    return config, overrides
+
+
+def validate_overrides(config: Path, overrides: list[str]) -> None:
+    from pipeline.config import TrainConfig
+
+    # train.backend comes with the DeepSpeed backend (a parallel change); validated once it exists
+    if "backend" not in TrainConfig.model_fields:
+        overrides = [o for o in overrides if not o.startswith("train.backend=")]
+    load_config(config, overrides)  # raises ConfigError naming a bad key or value
+
+
+def documented_commands() -> list[list[str]]:
+    """Every command line in docs/cluster.md's bash blocks (continuations joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOCS.read_text(), flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line, comments=True) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def gpu_image_tag() -> str:
+    builds = [c for c in documented_commands() if c[:2] == ["docker", "build"] and "--target" not in c]
+    assert len(builds) == 1, builds
+    return builds[0][builds[0].index("-t") + 1]
+
+
+def test_documented_commands_name_existing_files_configs_and_modules():
+    import importlib.util
+
+    commands = documented_commands()
+    joined = [" ".join(c) for c in commands]
+    # the four launchers of this page, each with at least one exact command
+    assert any(c[0] == "torchrun" and "--rdzv-backend=c10d" in c and "--nnodes=2" in c for c in commands)
+    assert any(c[:2] == ["sbatch", "--nodes=2"] and "launch/slurm.sbatch" in c for c in commands)
+    assert any(j.startswith("deepspeed --hostfile launch/hostfile.example --module launch.cli prune ")
+               and j.endswith("train.backend=deepspeed") for j in joined)
+    assert any(c[:3] == ["ray", "up", "launch/ray-cluster.yaml"] for c in commands)
+    assert any(c[:4] == ["kubectl", "apply", "-f", "launch/kuberay-rayjob.yaml"] for c in commands)
+    checked = 0
+    for argv in commands:
+        for token in argv:
+            if token.startswith("launch/"):
+                assert (ROOT / token).is_file(), f"{token} does not exist"
+        for flag in ("-m", "--module"):
+            if flag in argv:
+                assert importlib.util.find_spec(argv[argv.index(flag) + 1]) is not None, argv
+        # `ray exec CLUSTER 'cd /app && prunepipe ...'`: the quoted command is checked too
+        inner = [shlex.split(a) for a in argv if "prunepipe " in a]
+        for cmd in [argv, *inner]:
+            if runs_prunepipe(cmd) is not None:
+                validate_overrides(*check_prunepipe_command(cmd))
+                checked += 1
+    assert checked == 8  # every prune/search line of the page (a new one raises this count)
+
+
+def test_ray_cluster_config_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(RAY_CLUSTER.read_text())
+    validate_config(prepare_config(raw))  # what `ray up` runs first; raises on unknown or bad fields
+    docker = raw["docker"]
+    assert docker["image"] == gpu_image_tag()
+    # the image's ENTRYPOINT is prunepipe, and Ray starts its containers with `bash`
+    assert re.search(r'^ENTRYPOINT \["prunepipe"\]', (ROOT / "Dockerfile").read_text(), flags=re.M)
+    assert any(o.replace(" ", "=").startswith("--entrypoint=") for o in docker["run_options"])
+    assert "--gpus all" in docker["run_options"]
+    # the config's paths are on the shared mounts every container gets
+    cfg = load_config(ROOT / "configs" / "imagenet_resnet101.yaml")
+    mounts = [o.split()[1].split(":")[1] for o in docker["run_options"] if o.startswith("-v ")]
+    for path in (cfg.output_dir, cfg.data.root, cfg.model.weights):
+        assert any(path.startswith(m + "/") for m in mounts), f"{path} is on no shared mount {mounts}"
+
+
+def test_kuberay_rayjob_is_a_valid_rayjob_running_an_existing_config():
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= RAYCLUSTER_SPEC and set(cluster["headGroupSpec"]) <= HEAD_GROUP
+    workers = cluster["workerGroupSpecs"]
+    assert workers and all(set(g) <= WORKER_GROUP for g in workers)
+    import ray
+
+    assert cluster["rayVersion"] == ray.__version__  # the image's Ray (requirements.txt)
+
+    config, overrides = check_prunepipe_command(shlex.split(spec["entrypoint"]))
+    assert config == ROOT / "configs" / "imagenet_resnet101.yaml"
+    validate_overrides(config, overrides)
+    cfg = load_config(config, overrides)
+    uid = re.findall(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), flags=re.M)[-1]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in workers]
+    for pod in pods:
+        assert all(isinstance(v, str) for g in [cluster["headGroupSpec"], *workers] for v in g["rayStartParams"].values())
+        assert str(pod["securityContext"]["runAsUser"]) == uid and pod["securityContext"]["runAsNonRoot"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            assert c["image"] == gpu_image_tag()
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert all(name in volumes for name in mounts.values())
+            # output_dir, the baseline weights and the data are on claims every pod mounts
+            for path in (cfg.output_dir, cfg.model.weights, cfg.data.root):
+                top = "/" + path.split("/")[1]
+                assert top in mounts and "persistentVolumeClaim" in volumes[mounts[top]], (path, mounts)
+    # one trial (num_workers x gpus_per_worker GPUs) per worker pod, max_concurrent pods
+    gpu = [g for g in workers if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert len(gpu) == 1
+    per_pod = int(gpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert per_pod == cfg.search.num_workers * cfg.search.gpus_per_worker
+    assert gpu[0]["replicas"] >= cfg.search.max_concurrent
