@@ -1,8 +1,11 @@
 """`prunepipe search` on a running two-node Ray cluster, logging to a real MLflow tracking server.
 
-Everything runs on this machine, on 127.0.0.1 only: a Ray head and a second Ray node (two
-`ray start --block` processes), `mlflow server` over HTTP with its runs and registry in a
-throwaway PostgreSQL cluster. Every service runs in its own process group, and the test ends
+Everything runs on this machine: a Ray head and a second Ray node (two `ray start --block`
+processes), `mlflow server` over HTTP with its runs and registry in a throwaway PostgreSQL
+cluster. MLflow, PostgreSQL and Ray's dashboard listen on 127.0.0.1. The Ray nodes are given
+--node-ip-address=127.0.0.1, but Ray on Linux swaps a loopback node address for the machine's
+own reachable one (ray._private.services.resolve_ip_for_localhost), so they advertise this
+machine's interface address; the traffic still never leaves the machine. Every service runs in its own process group, and the test ends
 exactly those groups (never `ray stop`, which would end every Ray on the machine).
 """
 
@@ -75,6 +78,19 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of the Ray nodes and of the driver.
+
+    Ray 2.60 turns token authentication on for a new head and keeps the token in
+    ~/.ray/auth_token, one file per user: any other Ray head started on this machine meanwhile
+    replaces it and our second node is refused (seen here). This throwaway cluster therefore runs
+    without it; a real cluster keeps it (docs/cluster.md). No 30 s drain on SIGTERM either:
+    nothing is left to drain when the test is over.
+    """
+    return run_env(RAY_AUTH_MODE="disabled", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="240",
+                   RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", **extra)
+
+
 @pytest.fixture
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 (run as the `postgres` user), database `mlflow`."""
@@ -111,9 +127,7 @@ def services(postgres: str, tmp_path: Path) -> Iterator[dict[str, str]]:
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
-    # no 30 s drain on SIGTERM at the end: nothing is left to drain when the test is over
-    env = run_env(RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="240", RAY_USAGE_STATS_ENABLED="0",
-                  RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2")
+    env = cluster_env()
     mlflow = [str(BIN / "mlflow"), "server", "--backend-store-uri", postgres, "--artifacts-destination",
               str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"]
     # Nodes on one machine need their own agent ports; on 2 busy cores the logical CPUs are
@@ -163,7 +177,7 @@ def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_s
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors, list_nodes
 
-    env = run_env(RAY_ADDRESS=services["ray"])
+    env = cluster_env(RAY_ADDRESS=services["ray"])
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "search", str(ROOT / "configs" / "demo.yaml"), f"data.root={tiny_synthetic}",
          "data.image_size=16", "data.batch_size=16", f"output_dir={tmp_path / 'out'}", "baseline.epochs=0",
