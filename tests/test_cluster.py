@@ -409,3 +409,13 @@ def test_kuberay_rayjob_is_a_valid_rayjob_running_an_existing_config():
     per_pod = int(gpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert per_pod == cfg.search.num_workers * cfg.search.gpus_per_worker
     assert gpu[0]["replicas"] >= cfg.search.max_concurrent
+
+
+def test_placement_strategy_is_validated_at_the_boundary():
+    from pipeline.config import ConfigError
+
+    demo = ROOT / "configs" / "demo.yaml"
+    assert load_config(demo).search.placement_strategy == "PACK"  # one node first: NVLink all-reduce
+    assert load_config(demo, ["search.placement_strategy=SPREAD"]).search.placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match=r"^search\.placement_strategy = 'spread': allowed values are"):
+        load_config(demo, ["search.placement_strategy=spread"])
