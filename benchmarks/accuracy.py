@@ -129,7 +129,7 @@ def main() -> None:
     base_cfg = absolutize(build_config({}, {
         "name": "bench", "output_dir": str(work), "model.arch": args.arch, "data.root": str(data),
         "data.image_size": args.image_size, "data.batch_size": 64, "baseline.epochs": args.baseline_epochs,
-        "train.lr": 0.02, "measure.repeats": 5, "measure.warmup": 2,
+        "train.lr": 0.02, "measure.rounds": 6, "measure.warmup": 2,
         "registry.tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "registry.experiment": "benchmark-accuracy",
     }))
     weights = baseline_path(base_cfg)

@@ -33,8 +33,7 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -53,7 +52,7 @@ def main() -> None:
             apply_masks(model, groups, masks)
             prune_model(model, groups, masks, args.image_size)
             m = compare(dense, model, args.image_size, rounds=args.rounds, batch_size=args.batch, warmup=2,
-                        repeats=args.repeats, device=dev, amp_dtype=amp, channels_last=dev.type == "cuda")
+                        device=dev, amp_dtype=amp, channels_last=dev.type == "cuda")
             print(f"| {arch} | {ratio:.2f} | {m['macs'] / 1e9:.2f} | {m['macs_reduction']:.1%} | "
                   f"{m['params_reduction']:.1%} | {m['dense_img_s']:.1f} | {m['img_s']:.1f} | {m['speedup']:.2f}x | "
                   f"{m['speedup_efficiency']:.2f} |", flush=True)

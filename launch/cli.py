@@ -65,7 +65,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = ensure_baseline(cfg)
     result = run_search(cfg)
     print()
-    print(format_table(result["rows"], result["best"]))
+    print(format_table(result["rows"], result["best"], result.get("why")))
+    if result.get("plot"):
+        print(f"Pareto plot: {result['plot']}")
     return 0 if result["best"] is not None else 1
 
 
@@ -104,6 +106,82 @@ def cmd_promote(args: argparse.Namespace) -> int:
     decision = promote(args.name, uri, 0.005 if tol is None else tol)
     print(decision.message)
     return 0
+
+
+def _load_any(source: str, tracking_uri: str | None):
+    """A pruned-model folder or a ``models:/`` URI → (model, spec)."""
+    from pipeline import registry
+    from pipeline.spec import load_pruned
+
+    folder = registry.download_model(source, tracking_uri) if source.startswith("models:/") else Path(source)
+    return load_pruned(folder)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.bench import BenchModel, format_rows, plot_speedups, run_bench
+    from pipeline.models import build_model
+
+    loaded = [(src, *_load_any(src, args.tracking_uri)) for src in args.models]
+    first_spec = loaded[0][2]
+    if args.dense == "auto":
+        dense = build_model(first_spec["arch"], int(first_spec["num_classes"]))
+        dense_label = f"dense {first_spec['arch']}"
+    else:
+        dense, _ = _load_any(args.dense, args.tracking_uri)
+        dense_label = f"dense {args.dense}"
+    size = args.image_size or int(first_spec.get("image_size", 224))
+    if not 8 <= size <= 1024:
+        raise ConfigError(f"--image-size {size}: allowed range is 8..1024")
+    if any(b < 1 or b > 4096 for b in args.batch_sizes):
+        raise ConfigError(f"--batch-sizes {args.batch_sizes}: each must be in 1..4096")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no GPU is visible here")
+    models = [BenchModel(dense_label, dense)] + [BenchModel(Path(src).name if not src.startswith("models:/") else src, m)
+                                                 for src, m, _ in loaded]
+    try:
+        rows = run_bench(models, size, args.batch_sizes, args.precision, [c == "on" for c in args.channels_last],
+                         [c == "on" for c in args.compile], rounds=args.rounds, device=device,
+                         fold_bn=not args.no_fold_bn)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    table = format_rows(rows)
+    print(f"# {device}, {torch.get_num_threads()} threads, {size}x{size}, BN folded: {not args.no_fold_bn}, "
+          f"{args.rounds} interleaved rounds per setting")
+    print(table)
+    if any(not r.reliable for r in rows):
+        print("(noisy): the interquartile range of the per-round speed-ups is above 10 %: something else is running")
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    plot = plot_speedups(rows, args.plot) if args.plot else None
+    if args.log_mlflow:
+        _log_bench(args, table, plot)
+    return 0
+
+
+def _log_bench(args: argparse.Namespace, table: str, plot: Path | None) -> None:
+    """Attach the table (and plot) to the run behind every registered version benchmarked."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(args.tracking_uri) if args.tracking_uri else MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.md"
+        path.write_text(table + "\n")
+        for src in args.models:
+            if not src.startswith("models:/"):
+                continue
+            from pipeline import registry
+
+            mv = registry.resolve_version(client, src, args.tracking_uri)
+            client.log_artifact(mv.run_id, str(path), artifact_path="bench")
+            if plot is not None:
+                client.log_artifact(mv.run_id, str(plot), artifact_path="bench")
+            print(f"logged to the run of {src} (run {mv.run_id})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a pruned-model folder, or models:/NAME@ALIAS, or models:/NAME/VERSION")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("bench", help="time dense and pruned models side by side",
+                       description="Time a dense model and pruned ones (folders or models:/ URIs) in one run, "
+                       "interleaved: images/s, speed-up with its interquartile range, latency p50/p90 at batch 1, "
+                       "across batch sizes, precisions, channels_last and torch.compile.")
+    p.add_argument("models", nargs="+", help="pruned-model folders or models:/NAME@ALIAS / models:/NAME/VERSION")
+    p.add_argument("--dense", default="auto", help="the reference: 'auto' (the dense base architecture of the "
+                   "first model) or a model folder / URI")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--image-size", type=int, default=None, help="default: the first model's spec")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
+    p.add_argument("--channels-last", nargs="+", choices=["off", "on"], default=["off"])
+    p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"])
+    p.add_argument("--rounds", type=int, default=12, choices=range(2, 1001), metavar="N")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-fold-bn", action="store_true", help="time BatchNorm as a separate op")
+    p.add_argument("--out", default=None, help="also write the table (markdown) here")
+    p.add_argument("--plot", default=None, help="write a speed-up vs MACs-reduction plot (PNG) here")
+    p.add_argument("--log-mlflow", action="store_true", help="attach the table and plot to each models:/ version's run")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("promote", help="move 'champion' to the challenger if it earns it",
                        description="Promote the 'challenger' version to 'champion' when it is at least as accurate "

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launch import objective
 from pipeline import registry
 from pipeline.config import Config, SearchSpaceEntry, build_config, config_to_dict
 
@@ -159,45 +160,78 @@ def run_search(cfg: Config) -> dict[str, Any]:
                 "delta": conf.get("prune.options.lossvar.delta"),
                 "status": "done" if m.get("final") else ("error" if result.error else "stopped"),
                 **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
-                                         "dense_img_s", "speedup", "speedup_efficiency", "epoch", "run_id", "wall_s",
-                                         "started_at", "ended_at")},
+                                         "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable",
+                                         "speedup_efficiency", "epoch", "run_id", "wall_s", "started_at", "ended_at",
+                                         "model_dir")},
             }
         )
-    done = [r for r in rows if r["status"] == "done" and r["run_id"]]
-    best = max(done, key=lambda r: (r["val_top1"], r["img_s"] or 0.0)) if done else None
+    return _decide(rows, cfg)
+
+
+def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, Any]:
+    """Re-measure the finalists alone, choose by the objective, plot the front, register."""
+    obj = cfg.search.objective
+    chosen = objective.finalists(rows, obj)
+    if chosen:
+        print(f"[prunepipe] re-measuring the speed of {len(chosen)} finalists alone, with the whole machine", flush=True)
+        objective.remeasure(chosen, cfg, timer=timer)
+    best, why = objective.choose(rows, obj)
+    front = objective.pareto_front(rows)
+    for r in rows:
+        r["pareto"] = r in front
+    plot = objective.plot_pareto(rows, front, best, Path(cfg.output_dir) / "pareto.png")
     version = None
     if best is not None and cfg.registry.enabled:
         client = registry.connect(cfg.registry)
-        metrics = {k: v for k, v in best.items() if isinstance(v, int | float)}
+        metrics = {k: v for k, v in best.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         version = registry.register(client, cfg.registry.model_name, best["run_id"], metrics)
         best["registered"] = f"{cfg.registry.model_name} v{version} @challenger"
-    return {"rows": rows, "best": best, "version": version}
+        if plot is not None:
+            client.log_artifact(best["run_id"], str(plot), artifact_path="search")
+    return {"rows": rows, "best": best, "version": version, "why": why, "pareto": front, "plot": plot}
 
 
-def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None) -> str:
-    """The results table printed at the end of a search."""
+def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, why: str | None = None) -> str:
+    """The results table printed at the end of a search: ``*`` the winner, ``P`` on the Pareto
+    front of (top-1, measured speed-up), ``r`` speed re-measured alone after the trials; the
+    last column says why a finished trial does not meet the objective."""
     head = f"{'trial':<12} {'method':<12} {'ratio':>6} {'status':<8} {'top-1':>6} {'dense':>6} {'MACs red.':>9} " \
-           f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up':>8} {'eff.':>5}"
+           f"{'params red.':>11} {'img/s':>8} {'dense img/s':>11} {'speed-up [IQR]':>20} {'eff.':>5}  note"
     lines = [head, "-" * len(head)]
 
     def f(v, fmt):
         return format(v, fmt) if isinstance(v, int | float) else "-"
 
     for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or 0))):
-        mark = " *" if best is not None and r is best else ""
+        flags = ("*" if best is not None and r is best else " ") + ("P" if r.get("pareto") else " ") + \
+            ("r" if r.get("remeasured") else " ")
+        mark = f" {flags} {r.get('why_not') or ''}".rstrip()
         # lossvar sets its rates from δ, not from the uniform ratio: show what it was given
         knob = f"δ{r['delta']:.3g}" if r["method"] == "lossvar" and r.get("delta") else f(r["ratio"], ".2f")
         lines.append(
             f"{r['trial']:<12} {r['method']:<12} {knob:>6} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
             f"{f(r['dense_val_top1'], '.3f'):>6} {f(r['macs_reduction'], '.1%'):>9} {f(r['params_reduction'], '.1%'):>11} "
-            f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {f(r['speedup'], '.2f'):>7}x "
+            f"{f(r['img_s'], '.0f'):>8} {f(r['dense_img_s'], '.0f'):>11} {_speed(r):>20} "
             f"{f(r['speedup_efficiency'], '.2f'):>5}{mark}"
         )
+    if any(r.get("speed_reliable") == 0 for r in rows):
+        lines.append("? speed too noisy to trust (speed_reliable = 0): another job shared the machine; re-measure alone")
     if best is not None:
-        lines.append(f"* best trial: {best.get('registered', 'not registered')}")
+        lines.append(f"* chosen: {best.get('registered', 'not registered')} — {why or 'best top-1'}")
     else:
-        lines.append("no trial completed: nothing registered")
+        lines.append(why or "no trial completed: nothing registered")
+    lines.append("P = on the Pareto front of (top-1, measured speed-up); r = speed re-measured alone after the trials")
     return "\n".join(lines)
+
+
+def _speed(r: dict[str, Any]) -> str:
+    """``1.56x [1.50-1.61]``: the median speed-up and its interquartile range; ``?`` if unreliable."""
+    if not isinstance(r.get("speedup"), int | float):
+        return "-"
+    text = f"{r['speedup']:.2f}x"
+    if isinstance(r.get("speedup_low"), int | float) and isinstance(r.get("speedup_high"), int | float):
+        text += f" [{r['speedup_low']:.2f}-{r['speedup_high']:.2f}]"
+    return text + ("?" if r.get("speed_reliable") == 0 else " ")
 
 
 def _pretrain_worker(loop_config: dict[str, Any]) -> None:

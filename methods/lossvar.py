@@ -20,21 +20,33 @@ Only the abstract is available; the project's reconstruction:
 - Loss evaluations are data-parallel: each rank sums the loss over its share of the
   calibration set and the sums are all-reduced (float64), so every rank takes the same
   decisions and one rank or two give the same rates.
+- ``round_to`` is honoured: k moves in steps that keep the kept width a multiple of
+  ``round_to`` (and of the conv groups of a grouped conv), as every uniform method's widths.
 All rates are applied at once, then the recipe cuts and fine-tunes once.
+
+Cost (what makes it usable on ResNet-101): a probe recomputes only from the block holding the
+masked channels (:mod:`methods.staged`), not from the image; groups are probed in network
+order so one cached activation walks down the network. During the δ search, k is monotone in
+δ, so a group's search at δ is bounded by the k found at the nearest smaller and larger δ
+tried: once the bisection brackets δ, most groups need no probe at all. (With a loss curve that
+is not monotone in k, the bounded search may stop at another local threshold than an
+unbounded one would; the rate is still monotone in δ.) The cost is reported as probes,
+seconds, and full-forward equivalents (probe work ÷ one forward of the calibration set).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from tqdm import tqdm
 
 from methods.base import Method, SelectContext, register_method
+from methods.staged import StagedForward
 from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile
 
 
@@ -64,32 +76,27 @@ class LossVariation(Method):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cache: dict[tuple[str, int], float] = {}
+        self._found: dict[str, dict[float, int]] = {}  # group → {δ: k} of the searches done
         self.evaluations = 0
         self.delta_found: float | None = None
         self.rates: dict[str, float] = {}
         self.reduction: float | None = None
+        self.cost: dict[str, float] = {}
+        self._staged: StagedForward | None = None
+        self._bar: tqdm | None = None
 
     def calibration_samples(self) -> int:
         return self.options.calib_samples
 
     # --- the calibration loss ----------------------------------------------------------------
     @torch.no_grad()
-    def _loss(self, model: nn.Module, ctx: SelectContext) -> float:
-        self.evaluations += 1
-        device = next(model.parameters()).device
-        acc = torch.zeros(2, dtype=torch.float64, device=device)
-        for x, y in ctx.calib:
-            acc[0] += F.cross_entropy(model(x).float(), y, reduction="sum").double()
-            acc[1] += y.numel()
-        if ctx.info is not None and ctx.info.distributed:
-            dist.all_reduce(acc)
-        return float(acc[0] / acc[1].clamp_min(1))
-
-    @torch.no_grad()
     def _loss_masked(self, model: nn.Module, ctx: SelectContext, g: ChannelGroup, order: torch.Tensor, k: int) -> float:
         """Calibration loss with the k weakest channels of ``g`` masked (filters, γ, β), restored after."""
         key = (g.name, k)
         if key not in self._cache:
+            assert self._staged is not None
+            start = self._staged.start_of(g.producers + g.norms)
+            self._staged.prepare(start)  # before masking: the cache holds the unmasked activations
             drop = order[:k]
             saved = []
             for name in g.producers + g.norms:
@@ -99,7 +106,8 @@ class LossVariation(Method):
                         saved.append((p, p[drop].clone()))
                         p[drop] = 0
             try:
-                self._cache[key] = self._loss(model, ctx)
+                self.evaluations += 1
+                self._cache[key] = self._staged.loss_from(start)
             finally:
                 for p, old in saved:
                     p[drop] = old
@@ -120,21 +128,41 @@ class LossVariation(Method):
                 out[g.name] = torch.argsort(scores, stable=True)
         return out
 
+    def _step(self, g: ChannelGroup) -> int:
+        """Channels removed per unit: whole positions of a grouped conv, and widths that stay
+        multiples of ``round_to`` when the group's width is one."""
+        step = math.lcm(self.round_to, g.channel_groups)
+        return step if g.size % step == 0 else g.channel_groups
+
     def _k_for(self, model, ctx, g, order, delta: float, base: float) -> int:
-        """Largest k (channels masked) with L(k) − L0 ≤ δ, by binary search."""
-        step = g.channel_groups  # grouped convs lose whole positions: one per conv group
+        """Largest k (channels masked) with L(k) − L0 ≤ δ, by binary search within the bounds
+        that the searches at neighbouring δ already established (k is monotone in δ)."""
+        step = self._step(g)
         hi_units = (g.size - max(self.options.min_keep, step)) // step
-        lo, hi = 0, hi_units
+        found = self._found.setdefault(g.name, {})
+        lo = max([k // step for d, k in found.items() if d <= delta], default=0)
+        hi = min([k // step for d, k in found.items() if d >= delta], default=hi_units)
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if self._loss_masked(model, ctx, g, order, mid * step) - base <= delta:
                 lo = mid
             else:
                 hi = mid - 1
+        found[delta] = lo * step
         return lo * step
 
     def _rates_for(self, model, ctx, orders, delta: float, base: float) -> dict[str, int]:
-        return {g.name: self._k_for(model, ctx, g, orders[g.name], delta, base) for g in self.groups}
+        # network order: the cached activation only ever walks forward within one pass
+        staged = self._staged
+        ordered = sorted(self.groups, key=lambda g: staged.start_of(g.producers + g.norms) if staged else 0)
+        out = {}
+        for g in ordered:
+            out[g.name] = self._k_for(model, ctx, g, orders[g.name], delta, base)
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(delta=f"{delta:.3g}", probes=self.evaluations,
+                                      ffe=f"{staged.full_forward_equivalents:.0f}" if staged else "-")
+        return out
 
     # --- the decision ------------------------------------------------------------------------
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
@@ -142,8 +170,14 @@ class LossVariation(Method):
             raise ValueError("lossvar needs a calibration set (SelectContext.calib)")
         was_training = model.training
         model.eval()
+        t0 = time.perf_counter()
+        self._staged = StagedForward(model, ctx.calib, ctx.image_size, ctx.info)
+        main = ctx.info is None or ctx.info.is_main
+        self._bar = tqdm(desc="lossvar probes", unit="group", disable=not main, leave=False, dynamic_ncols=True)
         try:
-            base = self._loss(model, ctx)
+            self._staged.prepare(0)
+            base = self._staged.loss_from(0)
+            self.evaluations += 1
             orders = self._orders(model)
             if self.options.delta is not None:
                 delta = self.options.delta
@@ -152,6 +186,11 @@ class LossVariation(Method):
                 delta, pruned = self._search_delta(model, ctx, orders, base)
         finally:
             model.train(was_training)
+            self._bar.close()
+            self.cost = {"select_seconds": time.perf_counter() - t0,
+                         "full_forward_equivalents": self._staged.full_forward_equivalents,
+                         "probes": float(self._staged.probes)}
+            self._staged = None
         self.delta_found = delta
         self.rates = {g.name: pruned[g.name] / g.size for g in self.groups}
         masks = {}
@@ -207,7 +246,7 @@ class LossVariation(Method):
         return delta, pruned
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"loss_evaluations": self.evaluations, "rates": self.rates}
+        out: dict[str, Any] = {"loss_evaluations": self.evaluations, "rates": self.rates, **self.cost}
         if self.delta_found is not None:
             out["delta"] = self.delta_found
         if self.reduction is not None:

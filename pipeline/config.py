@@ -100,7 +100,14 @@ class BaselineConfig(_Strict):
 class MeasureConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     warmup: int = Field(3, ge=0)
-    repeats: int = Field(10, ge=1)
+    # dense and pruned are timed in interleaved rounds; the speed-up is the median of the
+    # per-round ratios. A relative interquartile range above max_spread is measured again with
+    # twice the rounds (up to `attempts` times), then flagged speed_reliable = 0 if still noisy.
+    rounds: int = Field(12, ge=2, le=10_000)
+    max_spread: float = Field(0.10, gt=0.0, le=10.0)
+    attempts: int = Field(2, ge=1, le=10)
+    # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
+    fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
 
 
@@ -119,6 +126,18 @@ class SearchSpaceEntry(_Strict):
         return self
 
 
+class ObjectiveConfig(_Strict):
+    """What the search's winner is: the best by `maximize` among trials meeting every constraint
+    ("most accurate with speed-up >= X": maximize val_top1, min_speedup X; "fastest within Y of
+    dense": maximize speedup, max_top1_drop Y)."""
+
+    maximize: Literal["val_top1", "speedup"] = "val_top1"
+    min_speedup: float | None = Field(None, gt=0.0, le=1000.0)  # measured (median, reliable), not MACs
+    max_top1_drop: float | None = Field(None, ge=0.0, le=1.0)  # dense top-1 minus pruned top-1
+    min_macs_reduction: float | None = Field(None, ge=0.0, lt=1.0)
+    finalists: int = Field(3, ge=1, le=100)  # re-measured alone after the trials, before registering
+
+
 class SearchConfig(_Strict):
     num_samples: int = Field(4, ge=1)
     num_workers: int = Field(2, ge=1)  # DDP workers per trial
@@ -133,6 +152,7 @@ class SearchConfig(_Strict):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     space: dict[str, SearchSpaceEntry] = Field(default_factory=dict)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
 
 
 class RegistryConfig(_Strict):

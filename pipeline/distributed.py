@@ -48,6 +48,22 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+_control_group: Any = None
+
+
+def control_group(info: DistInfo) -> Any:
+    """A gloo group for small host-side decisions (has every rank a batch?) that must not wait
+    on the GPU stream: under nccl, a flag on the default group would sync the device."""
+    global _control_group
+    if not info.distributed:
+        return None
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo")  # collective: every rank gets here together
+    return _control_group
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
@@ -66,6 +82,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_main(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, as a list on rank 0 (an empty list elsewhere)."""
+    if not info.distributed:
+        return [obj]
+    box: list[Any] | None = [None] * info.world if info.is_main else None
+    dist.gather_object(obj, box, dst=0)
+    return box or []
 
 
 def assert_same_on_all_ranks(masks: dict[str, torch.Tensor], info: DistInfo) -> None:

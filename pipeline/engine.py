@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from pipeline.distributed import DistInfo, all_reduce_sum
+from pipeline.data.errors import BadDataError
+from pipeline.distributed import DistInfo, all_reduce_sum, control_group
 
 if TYPE_CHECKING:
     from methods.base import Method
@@ -99,14 +101,23 @@ def train_epoch(
     channels_last: bool = False,
     desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss and top-1 over all ranks."""
+    """One pass over ``loader``; returns the mean loss and top-1 over all ranks, the steps taken
+    and the bad samples skipped.
+
+    No per-step host synchronisation: loss and accuracy accumulate on the device and are read
+    once at the end (an ``.item()`` per step would stall a GPU's queue every step).
+    """
     model.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
-    _check_equal_steps(len(loader), info)
-    bar = tqdm(total=len(loader), desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
-    for images, labels in loader:
+    expected = len(loader)
+    _check_equal_steps(expected, info)
+    errors = getattr(loader, "errors", None)
+    bad_before = errors.total if errors is not None else 0
+    bar = tqdm(total=expected, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
+    steps = 0
+    for images, labels in lockstep(loader, info):
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
@@ -123,15 +134,69 @@ def train_epoch(
         if method is not None:
             method.after_step(unwrap(model), optimizer)
         n = labels.numel()
-        stats += torch.tensor(
-            [loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64, device=info.device
-        )
+        with torch.no_grad():
+            stats[0] += loss.detach().double() * n
+            stats[1] += (logits.argmax(1) == labels).sum()
+            stats[2] += n
+        steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    bad = torch.tensor([(errors.total if errors is not None else 0) - bad_before], dtype=torch.float64,
+                       device=info.device)
     all_reduce_sum(stats, info)
+    all_reduce_sum(bad, info)
     count = max(1.0, stats[2].item())
-    return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count}
+    if steps < expected and info.is_main:
+        print(f"[prunepipe] warning: {desc}: the epoch ended after {steps} of {expected} batches: a reader ran "
+              "short of what the manifest declares (bad samples or a truncated shard)", flush=True)
+    _check_bad_fraction(int(bad.item()), int(stats[2].item()), loader)
+    return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count, "steps": steps,
+            "bad_samples": int(bad.item())}
+
+
+def lockstep(batches: Iterable, info: DistInfo) -> Iterator:
+    """The batches of ``batches`` while *every* rank still has one.
+
+    Under DDP a rank whose reader ends early (a truncated shard, a manifest that overstates a
+    count, bad samples) would leave the others waiting in the next gradient all-reduce for
+    ever. Before each step the ranks agree on a flag over a host-side group — 1: I have a
+    batch, 0: my reader ended, -1: my reader failed — and stop together; a failure on one rank
+    stops all of them with an error instead of a hang.
+    """
+    it = iter(batches)
+    group = control_group(info)
+    while True:
+        failure: BaseException | None = None
+        try:
+            batch, state = next(it), 1
+        except StopIteration:
+            batch, state = None, 0
+        except Exception as err:  # any reader failure must reach the other ranks, not hang them
+            batch, state, failure = None, -1, err
+        if info.distributed:
+            flag = torch.tensor([state], dtype=torch.int64)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+            state_all = int(flag.item())
+        else:
+            state_all = state
+        if failure is not None:
+            raise failure
+        if state_all < 0:
+            raise BadDataError("another rank's data loader failed; its log names the shard and sample")
+        if state_all == 0:
+            return
+        yield batch
+
+
+def _check_bad_fraction(bad: int, good: int, loader: Any) -> None:
+    """Skipping a few bad files is fine; skipping a large part of an epoch is a broken dataset."""
+    limit = getattr(loader, "max_bad_fraction", None)
+    if limit is None or bad == 0:
+        return
+    fraction = bad / max(1, bad + good)
+    if fraction > limit:
+        raise BadDataError(f"{bad} of {bad + good} samples of this epoch were bad ({fraction:.1%} > "
+                           f"data.max_bad_fraction = {limit}): the dataset is broken, see the skipped samples above")
 
 
 def _check_equal_steps(steps: int, info: DistInfo) -> None:

@@ -1,15 +1,19 @@
 """What a pruned model is worth: MACs, parameters and *measured* throughput.
 
 MACs count multiply-accumulates of convs and linears (the convention of the ResNet paper's
-"FLOPs": ResNet-50 = 4.1 G at 224²). Throughput is timed, never derived: the median of
-repeated batches after a warm-up, dense and pruned measured side by side in one process so
-that their ratio is fair on a noisy machine.
+"FLOPs": ResNet-50 = 4.1 G at 224²). Throughput is timed, never derived: dense and pruned are
+timed in many short interleaved rounds in one process, and the speed-up is the median of the
+per-round ratios with its interquartile range; a noisy result is re-measured and, if it stays
+noisy, flagged ``speed_reliable = 0`` rather than reported as a plain number.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -94,22 +98,170 @@ def measure_throughput(
     return Throughput(batch_size / statistics.median(times), batch_size, repeats, device.type, precision)
 
 
+Timer = Callable[[nn.Module, torch.Tensor], float]
+
+
+def make_timer(device: torch.device, amp_dtype: torch.dtype | None = None) -> Timer:
+    """Seconds of one forward pass: CUDA events on a GPU (the GPU's own clock, synchronised),
+    ``perf_counter`` on a CPU."""
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+
+    if device.type == "cuda":
+        def gpu_timer(model: nn.Module, x: torch.Tensor) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.inference_mode(), autocast():
+                start.record()
+                model(x)
+                end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+
+        return gpu_timer
+
+    def cpu_timer(model: nn.Module, x: torch.Tensor) -> float:
+        with torch.inference_mode(), autocast():
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+
+    return cpu_timer
+
+
+@dataclass
+class SpeedUp:
+    """Dense vs pruned timed in interleaved rounds; the speed-up is the median of per-round ratios."""
+
+    speedup: float
+    low: float  # 25th percentile of the per-round speed-ups
+    high: float  # 75th percentile
+    dense_img_s: float
+    img_s: float
+    rounds: int
+    attempts: int
+    reliable: bool
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median: 0.05 = the middle half within ±2.5 %."""
+        return (self.high - self.low) / self.speedup if self.speedup > 0 else math.inf
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every BatchNorm that follows a conv folded into the
+    conv's weights and bias (what a deployment does; exact in eval mode). Dense and pruned get
+    the same treatment, so a speed-up stays a fair comparison."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    for _, module in model.named_modules():
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+        if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
+                and isinstance(module[1], nn.BatchNorm2d):  # torchvision's downsample
+            module[0] = fuse_conv_bn_eval(module[0], module[1])
+            module[1] = nn.Identity()
+    return model
+
+
+def interleaved_times(
+    models: list[nn.Module], x: torch.Tensor, rounds: int, per_round: int, timer: Timer
+) -> list[list[float]]:
+    """Seconds per batch of each model in each round (median of ``per_round`` calls); the
+    order rotates every round, so no model always runs first (or right after another)."""
+    times: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        k = r % len(models)
+        order = list(range(k, len(models))) + list(range(k))
+        if r % 2 and len(models) > 2:
+            order.reverse()
+        for i in order:
+            times[i].append(statistics.median(timer(models[i], x) for _ in range(per_round)))
+    return times
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return q[0], statistics.median(values), q[2]
+
+
+def interleaved_speedup(
+    dense: nn.Module,
+    pruned: nn.Module,
+    image_size: int,
+    batch_size: int = 64,
+    rounds: int = 12,
+    per_round: int = 2,
+    warmup: int = 3,
+    max_spread: float = 0.10,
+    attempts: int = 2,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    timer: Timer | None = None,
+) -> SpeedUp:
+    """Time dense and pruned in many short interleaved rounds (ABBA: the order flips every
+    round, so a trend in the machine's speed cancels) and take the speed-up per round.
+
+    Another process stealing the cores slows whichever model runs at that moment: one number
+    from one long run each can be off by any factor, in either direction. Per-round ratios
+    show it as spread; the median ignores a few hit rounds. A result whose interquartile range
+    exceeds ``max_spread`` (relative) is measured again with twice the rounds, up to
+    ``attempts`` times; if it stays noisy it is returned with ``reliable=False`` — never as a
+    plain number. ``timer`` is injectable so decisions built on this can be tested.
+    """
+    device = torch.device(device)
+    timer = timer or make_timer(device, amp_dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = [m.eval().to(device, memory_format=fmt) for m in (dense, pruned)]
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
+    for m in models:
+        for _ in range(warmup):
+            timer(m, x)
+    n = rounds
+    for attempt in range(1, attempts + 1):
+        dense_t, pruned_t = interleaved_times(models, x, n, per_round, timer)
+        ratios = [d / p for d, p in zip(dense_t, pruned_t, strict=True)]
+        low, mid, high = _quartiles(ratios)
+        result = SpeedUp(mid, low, high, batch_size / statistics.median(dense_t), batch_size / statistics.median(pruned_t),
+                         n, attempt, reliable=False)
+        if result.spread <= max_spread:
+            result.reliable = True
+            return result
+        n *= 2
+    return result
+
+
 def compare(
     dense: nn.Module,
     pruned: nn.Module,
     image_size: int,
-    rounds: int = 3,
-    **kwargs,
+    batch_size: int = 64,
+    rounds: int = 12,
+    warmup: int = 3,
+    max_spread: float = 0.10,
+    attempts: int = 2,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    timer: Timer | None = None,
+    fold_bn: bool = False,
 ) -> dict[str, float]:
-    """Dense vs pruned, measured alternately in ``rounds`` so drift hits both equally."""
-    d_runs, p_runs = [], []
-    for _ in range(rounds):
-        d_runs.append(measure_throughput(dense, image_size, **kwargs).images_per_s)
-        p_runs.append(measure_throughput(pruned, image_size, **kwargs).images_per_s)
-    dense_ips, pruned_ips = statistics.median(d_runs), statistics.median(p_runs)
+    """What the pruned model is worth beside the dense one: MACs, params and measured speed
+    (of inference copies with BatchNorm folded into the convs when ``fold_bn``).
+
+    ``speed_reliable`` is 1.0 or 0.0 (a number, so MLflow keeps it as a metric); when it is 0
+    the speed figures are reported with their spread and must not be read as a plain number.
+    """
+    timed = (fold_batchnorm(dense), fold_batchnorm(pruned)) if fold_bn else (dense, pruned)
+    s = interleaved_speedup(*timed, image_size, batch_size=batch_size, rounds=rounds, warmup=warmup,
+                            max_spread=max_spread, attempts=attempts, device=device, amp_dtype=amp_dtype,
+                            channels_last=channels_last, timer=timer)
     dense_macs, pruned_macs = count_macs(dense, image_size), count_macs(pruned, image_size)
     dense_params, pruned_params = count_params(dense), count_params(pruned)
-    measured_speedup = pruned_ips / dense_ips
     macs_speedup = dense_macs / pruned_macs
     return {
         "dense_macs": dense_macs,
@@ -118,10 +270,15 @@ def compare(
         "dense_params": dense_params,
         "params": pruned_params,
         "params_reduction": 1 - pruned_params / dense_params,
-        "dense_img_s": dense_ips,
-        "img_s": pruned_ips,
-        "speedup": measured_speedup,
+        "dense_img_s": s.dense_img_s,
+        "img_s": s.img_s,
+        "speedup": s.speedup,
+        "speedup_low": s.low,
+        "speedup_high": s.high,
+        "speed_spread": s.spread,
+        "speed_rounds": s.rounds,
+        "speed_reliable": float(s.reliable),
         "macs_speedup": macs_speedup,
         # 1.0 = every MAC removed turned into speed; pruning tools are often far below
-        "speedup_efficiency": measured_speedup / macs_speedup,
+        "speedup_efficiency": s.speedup / macs_speedup,
     }

@@ -23,7 +23,14 @@ from methods import SelectContext, get_method_class
 from pipeline import registry
 from pipeline.config import Config, ConfigError, config_to_dict, flatten
 from pipeline.data.loaders import build_loader, calibration_set
-from pipeline.distributed import DistInfo, assert_same_on_all_ranks, barrier, broadcast_object, init_distributed
+from pipeline.distributed import (
+    DistInfo,
+    assert_same_on_all_ranks,
+    barrier,
+    broadcast_object,
+    gather_to_main,
+    init_distributed,
+)
 from pipeline.engine import (
     amp_dtype,
     cosine_schedule,
@@ -95,7 +102,10 @@ def _measure(dense: nn.Module, pruned: nn.Module, cfg: Config, info: DistInfo) -
                 cfg.data.image_size,
                 batch_size=cfg.measure.batch_size,
                 warmup=cfg.measure.warmup,
-                repeats=cfg.measure.repeats,
+                rounds=cfg.measure.rounds,
+                max_spread=cfg.measure.max_spread,
+                attempts=cfg.measure.attempts,
+                fold_bn=cfg.measure.fold_bn,
                 device=info.device,
                 amp_dtype=amp_dtype(cfg.train.amp, info.device),
                 channels_last=use_channels_last(cfg.train.channels_last, info.device),
@@ -104,6 +114,28 @@ def _measure(dense: nn.Module, pruned: nn.Module, cfg: Config, info: DistInfo) -
             torch.set_num_threads(threads)
     barrier(info)
     return broadcast_object(result, info)
+
+
+def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:
+    """Gather the bad samples every rank skipped since the last call; rank 0 prints the first
+    few, appends all of them to ``out/bad_samples.tsv`` and logs that file to MLflow."""
+    errors = getattr(loader, "errors", None)
+    mine = errors.take() if errors is not None else []
+    records = [r for rank_records in gather_to_main(mine, info) for r in rank_records]
+    if not records or not info.is_main:
+        return len(records)
+    for r in records[:shown]:
+        print(f"[prunepipe] skipped bad sample: {r.line()}", flush=True)
+    if len(records) > shown:
+        print(f"[prunepipe] ... and {len(records) - shown} more bad samples, listed in {out / 'bad_samples.tsv'}",
+              flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bad_samples.tsv", "a") as f:
+        for r in records:
+            f.write(f"{r.shard}\t{r.key}\t{r.reason}\n")
+    if log is not None and log.active:
+        registry.mlflow.log_artifact(str(out / "bad_samples.tsv"), artifact_path="data")
+    return len(records)
 
 
 def _train_phase(
@@ -117,6 +149,7 @@ def _train_phase(
     method=None,
     optimizer_state: dict | None = None,
     desc: str = "train",
+    log: _TrialLog | None = None,
 ) -> None:
     """Train ``epochs`` (a range, so a resumed phase starts mid-way) and call ``on_epoch`` after each."""
     train_loader, _ = loaders
@@ -146,6 +179,7 @@ def _train_phase(
             channels_last=cl,
             desc=f"{desc} {epoch + 1}/{total_epochs}",
         )
+        report_bad_samples(train_loader, info, Path(cfg.output_dir), log)
         on_epoch(epoch, unwrap(ddp), opt, stats)
 
 
@@ -184,7 +218,9 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     model.to(info.device)
 
     def eval_now(net: nn.Module) -> dict[str, float]:
-        return evaluate(net, loaders[1], info, amp_dtype(cfg.train.amp, info.device))
+        metrics = evaluate(net, loaders[1], info, amp_dtype(cfg.train.amp, info.device))
+        report_bad_samples(loaders[1], info, out, log)
+        return metrics
 
     if resume is not None and resume["phase"] == "finetune":
         # resumed after the cut: rebuild the pruned architecture from its spec
@@ -218,7 +254,8 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
 
         if prune_epochs and first < prune_epochs:
             _train_phase(model, range(first, prune_epochs), prune_epochs, cfg, info, loaders, after_prune_epoch,
-                         method=method, optimizer_state=resume.get("optimizer") if resume else None, desc="prune")
+                         method=method, optimizer_state=resume.get("optimizer") if resume else None, desc="prune",
+                         log=log)
 
         # --- select and cut --------------------------------------------------------------------
         ctx = SelectContext(info=info, image_size=size)
@@ -262,7 +299,7 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
     if first_ft < ft_epochs:
         _train_phase(model, range(first_ft, ft_epochs), ft_epochs, cfg, info, loaders,
                      after_finetune_epoch, optimizer_state=resume.get("optimizer") if first_ft else None,
-                     desc="finetune")
+                     desc="finetune", log=log)
 
     # --- save and register -------------------------------------------------------------------
     final = {**summary, **last_metrics, **eval_now(model), "epochs": total_epochs,

@@ -21,7 +21,8 @@ from pipeline.config import RegistryConfig
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # metrics copied onto a registered version as tags, so `promote` and users see them there
-VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_efficiency")
+VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
+                   "speedup_high", "speed_reliable", "speedup_efficiency")
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -80,19 +81,25 @@ def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[s
     return int(mv.version)
 
 
-def download_model(uri: str, tracking_uri: str | None = None) -> Path:
-    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder."""
-    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+def resolve_version(client: MlflowClient, uri: str, store: str | None = None):
+    """``models:/name@alias`` or ``models:/name/version`` → the registered model version
+    (``store`` names the registry in the error message)."""
     rest = uri.removeprefix("models:/")
     try:
         if "@" in rest:
             name, alias = rest.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = rest.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
+            return client.get_model_version_by_alias(name, alias)
+        name, version = rest.rsplit("/", 1)
+        return client.get_model_version(name, version)
     except (MlflowException, ValueError) as err:
-        raise RegistryError(f"{uri}: not found in the registry at {mlflow.get_tracking_uri()} ({str(err).splitlines()[0]})") from None
+        raise RegistryError(f"{uri}: not found in the registry at {store or mlflow.get_tracking_uri()} "
+                            f"({str(err).splitlines()[0]})") from None
+
+
+def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder."""
+    client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
+    mv = resolve_version(client, uri, tracking_uri)
     dst = tempfile.mkdtemp(prefix="prunepipe-model-")
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst))
 

@@ -53,7 +53,7 @@ def test_prune_under_torchrun_registers_and_resumes(tmp_path, digits_root):
     common = [
         "-m", "launch.cli", "prune", str(ROOT / "configs" / "demo.yaml"),
         f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32", f"output_dir={tmp_path / 'run'}",
-        "prune.method=sfp", "prune.epochs=1", "prune.prune_ratio=0.5", "measure.repeats=3",
+        "prune.method=sfp", "prune.epochs=1", "prune.prune_ratio=0.5", "measure.rounds=4",
         f"registry.tracking_uri=sqlite:///{db}", "registry.experiment=t",
     ]
     first = _torchrun(*common, "train.epochs=1")

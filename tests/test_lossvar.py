@@ -91,3 +91,58 @@ def _copy_masked(model, groups, masks):
     m = copy.deepcopy(model)
     apply_masks(m, groups, masks)
     return m
+
+
+def _direct_loss(model, groups_by_name, name, order, k, ctx):
+    """The calibration loss with the k weakest channels of one group masked, by a full forward."""
+    m = _copy_masked(model, [groups_by_name[name]], {name: ~torch.isin(torch.arange(groups_by_name[name].size), order[:k])})
+    with torch.no_grad():
+        return sum(torch.nn.functional.cross_entropy(m(x), y, reduction="sum").item() for x, y in ctx.calib) / sum(
+            len(y) for _, y in ctx.calib)
+
+
+def test_staged_probes_equal_full_forward_losses_and_cost_less(net):
+    """A probe that starts from the cached activation of the group's block gives the loss a full
+    forward gives, for a group early and late in the network; and the work is below one full
+    forward per probe."""
+    model, groups, ctx = net
+    m = get_method_class("lossvar")(groups, 0.0, options={"delta": 0.05}, image_size=32)
+    m.keep_masks(model, ctx)
+    orders = m._orders(model)
+    by_name = {g.name: g for g in groups}
+    for g in (groups[0], groups[-1]):
+        for (name, k), loss in m._cache.items():
+            if name == g.name and k > 0:
+                assert loss == pytest.approx(_direct_loss(model, by_name, name, orders[name], k, ctx), rel=1e-5, abs=1e-6)
+    s = m.summary()
+    assert s["probes"] == m.evaluations
+    assert 0 < s["full_forward_equivalents"] < 0.9 * s["probes"]
+
+
+def test_one_groups_rate_is_a_true_threshold_of_its_own_curve(net):
+    """k found for a group: masking k keeps the loss rise within δ and masking one step more
+    does not — checked against direct full forwards of that group alone (a cache shared between
+    groups, or a search over the wrong group, breaks it)."""
+    model, groups, ctx = net
+    delta = 0.05
+    m = get_method_class("lossvar")(groups, 0.0, options={"delta": delta}, image_size=32)
+    masks = m.keep_masks(model, ctx)
+    orders = m._orders(model)
+    by_name = {g.name: g for g in groups}
+    base = _direct_loss(model, by_name, groups[0].name, orders[groups[0].name], 0, ctx)
+    checked = 0
+    for g in groups:
+        k = g.size - int(masks[g.name].sum())
+        assert _direct_loss(model, by_name, g.name, orders[g.name], k, ctx) - base <= delta + 1e-6
+        if k + 1 <= g.size - 1:
+            assert _direct_loss(model, by_name, g.name, orders[g.name], k + 1, ctx) - base > delta - 1e-6
+            checked += 1
+    assert checked >= len(groups) // 2
+
+
+def test_round_to_keeps_widths_multiples(net):
+    model, groups, ctx = net
+    m = get_method_class("lossvar")(groups, 0.0, round_to=8, options={"target_macs_reduction": 0.4}, image_size=32)
+    masks = m.keep_masks(model, ctx)
+    assert all(int(mask.sum()) % 8 == 0 and int(mask.sum()) >= 8 for mask in masks.values())
+    assert any(int(mask.sum()) < len(mask) for mask in masks.values())

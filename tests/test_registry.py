@@ -41,6 +41,23 @@ def store(tmp_path):
     mlflow.end_run()
 
 
+def macs_timer(noise=None):
+    """A deterministic clock: a forward pass 'takes' time in proportion to the model's MACs, so
+    promotion decisions are tested without depending on this machine's speed or load."""
+    import random
+
+    from pipeline.measure import count_macs
+
+    cache, rng = {}, random.Random(0)
+
+    def timer(model, x):
+        if id(model) not in cache:
+            cache[id(model)] = count_macs(model, x.shape[-1]) * 1e-9
+        return cache[id(model)] * (noise(rng) if noise else 1.0)
+
+    return timer
+
+
 def test_register_alias_load_and_promote(tmp_path, store):
     cfg, client = store
     uri = cfg.tracking_uri
@@ -54,29 +71,55 @@ def test_register_alias_load_and_promote(tmp_path, store):
         assert torch.equal(loaded(x), dense(x))
     assert client.get_model_version("m", str(v1)).tags["val_top1"] == "0.9"
 
-    first = promote("m", uri, tolerance=0.01)
-    assert first.promoted and int(client.get_model_version_by_alias("m", "champion").version) == v1
-    assert not promote("m", uri, tolerance=0.01).promoted  # already champion
+    # the first champion must be faster than the dense model it came from: the dense one is not
+    first = promote("m", uri, tolerance=0.01, timer=macs_timer())
+    assert not first.promoted and "not measured faster than the dense" in first.message
+    assert registry.version_by_alias(client, "m", "champion") is None
+
+    small_run, _ = _logged_model(tmp_path, 0.3, 0.90, "small")
+    v2 = registry.register(client, "m", small_run, {"val_top1": 0.90})
+    first = promote("m", uri, tolerance=0.01, timer=macs_timer())
+    assert first.promoted, first.message
+    assert int(client.get_model_version_by_alias("m", "champion").version) == v2
+    assert not promote("m", uri, tolerance=0.01, timer=macs_timer()).promoted  # already champion
 
     # less accurate than the champion beyond the tolerance: refused, and the reason says so
     worse_run, _ = _logged_model(tmp_path, 0.6, 0.80, "worse")
     registry.register(client, "m", worse_run, {"val_top1": 0.80})
-    d = promote("m", uri, tolerance=0.01)
+    d = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert not d.promoted and "below champion" in d.message
-    assert int(client.get_model_version_by_alias("m", "champion").version) == v1
 
-    # as accurate within tolerance and really faster (60 % of inner channels removed): promoted
-    good_run, _ = _logged_model(tmp_path, 0.6, 0.895, "good")
-    v3 = registry.register(client, "m", good_run, {"val_top1": 0.895})
-    d = promote("m", uri, tolerance=0.01)
+    # exactly at the tolerance boundary (0.89 = 0.90 - 0.01) and smaller: promoted
+    good_run, _ = _logged_model(tmp_path, 0.6, 0.89, "good")
+    v4 = registry.register(client, "m", good_run, {"val_top1": 0.89})
+    d = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert d.promoted, d.message
-    assert int(client.get_model_version_by_alias("m", "champion").version) == v3
+    assert int(client.get_model_version_by_alias("m", "champion").version) == v4
+
+    # more accurate but slower (fewer channels removed than the champion): refused
+    slow_run, _ = _logged_model(tmp_path, 0.3, 0.95, "slow")
+    registry.register(client, "m", slow_run, {"val_top1": 0.95})
+    d = promote("m", uri, tolerance=0.01, timer=macs_timer())
+    assert not d.promoted and "not measured faster than champion" in d.message
+    assert int(client.get_model_version_by_alias("m", "champion").version) == v4
+
+    # faster, but the clock is too noisy to tell: refused, never promoted on a guess
+    fast_run, _ = _logged_model(tmp_path, 0.7, 0.95, "fast")
+    registry.register(client, "m", fast_run, {"val_top1": 0.95})
+    d = promote("m", uri, tolerance=0.01, timer=macs_timer(noise=lambda r: r.uniform(0.2, 5.0)))
+    assert not d.promoted and "too noisy" in d.message
+    d = promote("m", uri, tolerance=0.01, timer=macs_timer())
+    assert d.promoted, d.message
 
     # the CLI loads the champion by URI
     proc = subprocess.run([sys.executable, "-m", "launch.cli", "show", "models:/m@champion", "--tracking-uri", uri],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resnet50" in proc.stdout and "layer1" in proc.stdout
+    # and `promote` itself runs from the command line (already champion: no timing involved)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "promote", "m", "--tracking-uri", uri],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0 and "already the champion" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_promote_without_challenger_and_unknown_uri(tmp_path, store):

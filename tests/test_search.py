@@ -15,7 +15,7 @@ def test_two_trial_search_registers_the_best(tmp_path, digits_root):
 
     cfg = absolutize(load_config(ROOT / "configs" / "demo.yaml", [
         f"data.root={digits_root}", "data.image_size=16", "data.batch_size=64", f"output_dir={tmp_path / 'out'}",
-        "train.epochs=1", "prune.epochs=1", "measure.repeats=3", "search.grace_period=1",
+        "train.epochs=1", "prune.epochs=1", "measure.rounds=4", "search.grace_period=1",
         "search.space={prune.method: {grid: [l1, sfp]}, prune.prune_ratio: {choice: [0.5]}}",
         f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=searched",
     ]))

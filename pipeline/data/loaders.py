@@ -14,6 +14,12 @@ collective or, with ``join()``, let the ranks' optimizer and LR-schedule states 
 The price is a few samples per epoch: fewer than ``slots`` when splitting by sample, the
 excess of the fullest reader when splitting by shard (shards of equal size make it zero).
 The reshuffle each epoch changes which. Validation readers yield everything, exactly once.
+
+Bad samples (``data.on_error``) are decided in the reader: an undecodable image, a missing or
+bad label is not yielded; it travels to the main process as a :class:`BadSample` beside the
+batch (DataLoader workers are other processes) and lands in ``loader.errors``. A batch may
+therefore be a few samples short; a reader that runs out early (a truncated shard) is handled
+by the engine, which ends the epoch on every rank at once.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from pipeline.config import DataConfig
+from pipeline.data.errors import BadSample, BadSampleLog, parse_label
 from pipeline.data.manifest import read_manifest
 
 # Below this many shards per reader, splitting by shard balances badly: split by sample.
@@ -66,8 +74,12 @@ class ShardedSamples(IterableDataset):
         seed: int,
         buffer: int,
         equal: bool = False,
+        num_classes: int | None = None,
     ) -> None:
+        # what a shard can yield is what verification found readable (a truncated tail is not)
+        shards = [{**s, "count": s.get("readable", s["count"])} for s in shards]
         self.root, self.shards = root, shards
+        self.num_classes = num_classes
         self.rank, self.world = rank, world
         self.workers = max(1, num_workers)
         self.transform, self.shuffle, self.seed, self.buffer = transform, shuffle, seed, buffer
@@ -128,7 +140,17 @@ class ShardedSamples(IterableDataset):
             path = self.root / shard["path"]
             with open(path, "rb") as stream:  # closed even when the consumer stops early
                 files = wds.tariterators.tar_file_expander([{"url": str(path), "stream": stream}])
-                yield from wds.tariterators.group_by_keys(files)
+                samples = wds.tariterators.group_by_keys(files)
+                while True:
+                    try:
+                        sample = next(samples)
+                    except StopIteration:
+                        break
+                    except (tarfile.TarError, OSError, ValueError, EOFError):
+                        # a shard broken past its readable part: verification counted the loss
+                        break
+                    sample["__shard__"] = shard["path"]
+                    yield sample
 
     def _raw(self, slot: int) -> Iterator[dict[str, Any]]:
         if self.by_shard():
@@ -138,7 +160,7 @@ class ShardedSamples(IterableDataset):
             if i % self.slots == slot:
                 yield sample
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int | None, BadSample | None]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = self.rank * self.workers + worker
@@ -158,19 +180,51 @@ class ShardedSamples(IterableDataset):
         for sample in buf:
             yield self._decode(sample)
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        return self.transform(img), int(sample["cls"])
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor | None, int | None, BadSample | None]:
+        """(image, label, None) for a good sample, (None, None, why) for a bad one."""
+        shard, key = sample.get("__shard__", "?"), str(sample.get("__key__", "?"))
+        label, why = parse_label(sample.get("cls"), self.num_classes or 1 << 30)
+        if why is not None:
+            return None, None, BadSample(shard, key, why)
+        if "jpg" not in sample:
+            return None, None, BadSample(shard, key, "no .jpg component")
+        try:
+            with Image.open(io.BytesIO(sample["jpg"])) as img:
+                img = img.convert("RGB")  # decodes fully: a truncated JPEG fails here, not later
+        except Exception as err:  # PIL raises many types for bad bytes; all mean "undecodable"
+            return None, None, BadSample(shard, key, f"undecodable image ({type(err).__name__})")
+        return self.transform(img), label, None
+
+
+def _collate(items: list[tuple[torch.Tensor | None, int | None, BadSample | None]]):
+    """Stack the good samples of a batch; hand the bad ones over beside them."""
+    good = [(x, y) for x, y, bad in items if bad is None]
+    bad = [b for _, _, b in items if b is not None]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
 class Loader:
     """Iterator of device-resident ``(images, labels)`` batches with a known length."""
 
-    def __init__(self, dataloader: DataLoader | None, length: int, device: torch.device, num_classes: int, dataset=None, synthetic=None) -> None:
+    def __init__(
+        self,
+        dataloader: DataLoader | None,
+        length: int,
+        device: torch.device,
+        num_classes: int,
+        dataset=None,
+        synthetic=None,
+        errors: BadSampleLog | None = None,
+        channels_last: bool = False,
+    ) -> None:
         self._dl, self._len, self.device = dataloader, length, device
         self.num_classes = num_classes
         self._dataset = dataset
         self._synthetic = synthetic
+        self.errors = errors or BadSampleLog()
+        self.channels_last = channels_last
 
     def set_epoch(self, epoch: int) -> None:
         if self._dataset is not None:
@@ -184,9 +238,15 @@ class Loader:
         if self._synthetic is not None:
             yield from self._synthetic()
             return
-        non_blocking = self.device.type == "cuda"
-        for images, labels in self._dl:
-            yield images.to(self.device, non_blocking=non_blocking), labels.to(self.device, non_blocking=non_blocking)
+        non_blocking = self.device.type == "cuda"  # pinned host memory: the copy overlaps compute
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for images, labels, bad in self._dl:
+            for b in bad:
+                self.errors.record(b.shard, b.key, b.reason)  # raises under on_error=fail
+            if images is None:
+                continue  # every sample of this batch was bad
+            images = images.to(self.device, non_blocking=non_blocking, memory_format=fmt)
+            yield images, labels.to(self.device, non_blocking=non_blocking)
 
 
 def build_loader(
@@ -198,15 +258,26 @@ def build_loader(
     with ``len()`` (batches this epoch), ``set_epoch(e)``, ``num_classes`` and ``errors`` (the
     rank's :class:`BadSampleLog`). ``channels_last`` asks for images in that memory format.
     """
-    train = split == "train"
     if cfg.backend == "synthetic":
-        return _synthetic_loader(cfg, world, device, seed + rank)
-    if cfg.backend == "dali":
+        loader = _synthetic_loader(cfg, world, device, seed + rank)
+    elif cfg.backend == "dali":
         from pipeline.data.dali import build_dali_loader  # optional dependency: imported only when asked for
 
-        return build_dali_loader(cfg, split, rank, world, device, seed=seed, channels_last=channels_last)
+        loader = build_dali_loader(cfg, split, rank, world, device, seed=seed, channels_last=channels_last)
+    else:
+        loader = _webdataset_loader(cfg, split, rank, world, device, seed, channels_last)
+    loader.max_bad_fraction = cfg.max_bad_fraction  # the engine stops an epoch that skips more
+    return loader
+
+
+def _webdataset_loader(
+    cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int, channels_last: bool
+) -> Loader:
+    train = split == "train"
     root = Path(cfg.root)
     manifest = read_manifest(root)
+    errors = BadSampleLog(cfg.on_error)
+    record_truncated(manifest["splits"][split], errors)
     dataset = ShardedSamples(
         root,
         manifest["splits"][split],
@@ -218,6 +289,7 @@ def build_loader(
         seed=seed,
         buffer=cfg.shuffle_buffer,
         equal=train,
+        num_classes=manifest["num_classes"],
     )
     dl = DataLoader(
         dataset,
@@ -225,10 +297,19 @@ def build_loader(
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        collate_fn=_collate,
     )
-    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset)
+    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset, errors=errors, channels_last=channels_last)
     loader.set_epoch(0)
     return loader
+
+
+def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog) -> None:
+    """Samples a truncated shard lost are bad data: counted under ``skip``, an error under ``fail``."""
+    for shard in shards:
+        lost = shard["count"] - shard.get("readable", shard["count"])
+        if lost > 0:
+            errors.record(shard["path"], "(tail)", f"{shard.get('problem') or 'truncated'}", count=lost)
 
 
 def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: int) -> Loader:
@@ -261,13 +342,18 @@ def calibration_set(
         manifest = read_manifest(root)
         ds = ShardedSamples(root, manifest["splits"]["train"], 0, 1, 0,
                             _transforms("none", False, cfg.image_size, manifest["mean"], manifest["std"]),
-                            shuffle=False, seed=0, buffer=0)
+                            shuffle=False, seed=0, buffer=0, num_classes=manifest["num_classes"])
         picked = []
-        for i, sample in enumerate(ds._samples(ds.shards)):
-            if i >= samples:
+        good = 0
+        for sample in ds._samples(ds.shards):
+            if good >= samples:
                 break
-            if i % world == rank:
-                picked.append(ds._decode(sample))
+            x, y, bad = ds._decode(sample)
+            if bad is not None:
+                continue  # the set must be the same on every rank: skip bad samples everywhere alike
+            if good % world == rank:
+                picked.append((x, y))
+            good += 1
         xs = torch.stack([p[0] for p in picked]) if picked else torch.empty(0, 3, cfg.image_size, cfg.image_size)
         ys = torch.tensor([p[1] for p in picked], dtype=torch.int64)
     return [(xs[i:i + cfg.batch_size].to(device), ys[i:i + cfg.batch_size].to(device))

@@ -179,16 +179,29 @@ def scan_tar(tar_path: str | Path) -> tuple[list[IndexEntry], str | None]:
                     current = []
                 current_key = key
                 current.append(Component(ext, member.offset_data, member.size, member.name))
+            end = tar.offset  # just past the last member's (padded) data
         size = os.path.getsize(tar_path)
         if current and max(c.offset + c.size for c in current) > size:
             problem = "the tar ends inside its last member (truncated)"
             current = []
+        elif not _has_end_marker(tar_path, end, size):
+            # tarfile stops quietly at a cut header: only the missing end-of-archive blocks tell
+            problem = f"truncated after {len(entries) + bool(current)} samples (no end-of-archive marker)"
     except (tarfile.TarError, OSError, EOFError) as err:
         problem = f"unreadable after {len(entries)} samples ({type(err).__name__}: {err})".rstrip(": ")
         current = []  # the sample being read when it broke may be incomplete
     if current:
         entries.append(IndexEntry(current_key or "", tuple(current)))
     return entries, problem
+
+
+def _has_end_marker(tar_path: str | Path, end: int, size: int) -> bool:
+    """A complete tar ends with two zero blocks after its last member."""
+    if size < end + 2 * tarfile.BLOCKSIZE:
+        return False
+    with open(tar_path, "rb") as f:
+        f.seek(end)
+        return f.read(2 * tarfile.BLOCKSIZE) == bytes(2 * tarfile.BLOCKSIZE)
 
 
 def iter_members(tar_path: str | Path, entries: list[IndexEntry]) -> Iterator[tuple[IndexEntry, dict[str, bytes]]]:

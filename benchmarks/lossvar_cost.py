@@ -1,0 +1,63 @@
+"""What `lossvar`'s selection costs on a real-size network: probes, seconds, full-forward equivalents.
+
+    python benchmarks/lossvar_cost.py --arch resnet101 --image-size 64 --calib 128 --target 0.42
+
+The model has random weights; its calibration labels are its own predictions (so masking a
+channel really raises the loss, as it does on a trained model). The δ search runs for the
+target MACs reduction, exactly as in a trial. "Full-forward equivalents" (FFE) = probe work ÷
+one forward of the calibration set: the cost figure that compares across hardware. The last
+column is what the same probes would cost if each were a full forward (the old way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods import SelectContext, get_method_class  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.surgery import find_groups  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet101")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--target", type=float, default=0.42, help="MACs reduction the δ search aims at")
+    ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--classes", type=int, default=1000)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = build_model(args.arch, args.classes).eval()
+    x = torch.randn(args.calib, 3, args.image_size, args.image_size)
+    with torch.no_grad():
+        y = torch.cat([model(x[i:i + args.batch]).argmax(1) for i in range(0, args.calib, args.batch)])
+    calib = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, args.calib, args.batch)]
+    groups = find_groups(model, args.image_size, "inner")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for xb, _ in calib:
+            model(xb)
+    forward_s = time.perf_counter() - t0
+    method = get_method_class("lossvar")(groups, 0.0, round_to=args.round_to,
+                                         options={"target_macs_reduction": args.target}, image_size=args.image_size)
+    method.keep_masks(model, SelectContext(calib=calib, image_size=args.image_size))
+    s = method.summary()
+    print(f"# {args.arch} at {args.image_size}px, {args.calib} calibration images, {len(groups)} groups, "
+          f"{torch.get_num_threads()} threads, one forward of the set {forward_s:.1f} s")
+    print("| target MACs red. | found | δ | probes | seconds | full-forward equiv. | FFE if every probe were a full forward |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.target:.0%} | {s.get('macs_reduction_found', float('nan')):.1%} | {s['delta']:.3g} | "
+          f"{int(s['probes'])} | {s['select_seconds']:.0f} | {s['full_forward_equivalents']:.0f} | {int(s['probes'])} |")
+
+
+if __name__ == "__main__":
+    main()

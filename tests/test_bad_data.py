@@ -1,0 +1,121 @@
+"""data.on_error on the PyTorch/WebDataset backend: every kind of bad sample is skipped and counted
+(naming shard and key) or stops the run in one line; never a traceback, never a wrong label."""
+
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data.errors import BadDataError
+from pipeline.data.loaders import build_loader
+from pipeline.data.manifest import DatasetError
+from pipeline.distributed import DistInfo
+from pipeline.engine import lockstep, train_epoch
+from tests.helpers.doctor import copy_dataset, manifest, rewrite_sample, truncate_shard, write_manifest_raw
+
+CPU = torch.device("cpu")
+
+# (component changes, words in the reason)
+CASES = {
+    "corrupt_jpeg": ({"jpg": b"\xff\xd8\xff\xe0 this is not a jpeg"}, "undecodable"),
+    "no_cls": ({"cls": None}, "no .cls"),
+    "label_not_int": ({"cls": b"seven"}, "not a non-negative integer"),
+    "label_negative": ({"cls": b"-1"}, "not a non-negative integer"),
+    "label_out_of_range": ({"cls": b"4"}, "out of range"),  # the fixture has 4 classes: 0..3
+}
+
+
+@pytest.fixture()
+def ds(tmp_path, tiny_synthetic):
+    return copy_dataset(tiny_synthetic, tmp_path / "ds")
+
+
+def _cfg(root, policy, **kw):
+    return DataConfig(root=str(root), image_size=16, batch_size=8, augment="none", on_error=policy, **kw)
+
+
+def _val_labels(loader):
+    return [int(y) for _, ys in loader for y in ys]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_skip_drops_only_the_bad_sample_and_names_it(ds, case):
+    changes, words = CASES[case]
+    clean = _val_labels(build_loader(_cfg(ds, "skip"), "val", 0, 1, CPU))
+    shard = manifest(ds)["splits"]["val"][0]["path"]
+    key = rewrite_sample(ds, shard, 3, **changes)
+    loader = build_loader(_cfg(ds, "skip"), "val", 0, 1, CPU)
+    labels = _val_labels(loader)
+    assert labels == clean[:3] + clean[4:]  # exactly that sample is gone; no label moved
+    assert loader.errors.total == 1
+    (bad,) = loader.errors.take()
+    assert (bad.shard, bad.key) == (shard, key) and words in bad.reason
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fail_stops_in_one_line_naming_shard_and_key(ds, case):
+    changes, words = CASES[case]
+    shard = manifest(ds)["splits"]["val"][0]["path"]
+    key = rewrite_sample(ds, shard, 3, **changes)
+    loader = build_loader(_cfg(ds, "fail"), "val", 0, 1, CPU)
+    with pytest.raises(BadDataError) as err:
+        _val_labels(loader)
+    msg = str(err.value)
+    assert shard in msg and key in msg and words in msg and "\n" not in msg
+
+
+def test_truncated_shard_skip_counts_the_lost_tail_and_fail_stops_before_work(ds):
+    shard = manifest(ds)["splits"]["val"][0]
+    truncate_shard(ds, shard["path"], 0.5)
+    loader = build_loader(_cfg(ds, "skip"), "val", 0, 1, CPU)
+    total = sum(s["count"] for s in manifest(ds)["splits"]["val"])
+    seen = len(_val_labels(loader))
+    assert 0 < loader.errors.total == total - seen  # every lost sample counted, none invented
+    assert loader.errors.take()[0].shard == shard["path"]
+    with pytest.raises(BadDataError, match=shard["path"]):
+        build_loader(_cfg(ds, "fail"), "val", 0, 1, CPU)
+
+
+def test_truncated_training_shard_ends_the_epoch_early_without_error(ds):
+    shard = manifest(ds)["splits"]["train"][0]
+    truncate_shard(ds, shard["path"], 0.4, drop_index=True)  # found by the tar scan, not the index
+    loader = build_loader(_cfg(ds, "skip"), "train", 0, 1, CPU)
+    n = sum(len(y) for _, y in loader)
+    assert n == sum(s["count"] for s in manifest(ds)["splits"]["train"]) - loader.errors.total
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda m: m["splits"].update(train=[]), DatasetError),
+    (lambda m: m["splits"]["train"].append({"path": "train/gone.tar", "count": 16}), DatasetError),
+])
+@pytest.mark.parametrize("policy", ["skip", "fail"])
+def test_empty_or_missing_shards_are_errors_under_both_policies(ds, change, error, policy):
+    m = manifest(ds)
+    change(m)
+    write_manifest_raw(ds, m)
+    with pytest.raises(error) as err:
+        build_loader(_cfg(ds, policy), "train", 0, 1, CPU)
+    assert "\n" not in str(err.value)
+
+
+def test_an_epoch_of_mostly_bad_samples_stops(ds):
+    shards = manifest(ds)["splits"]["train"]
+    for shard in shards[:4]:  # 4 of 6 shards: 2/3 of the epoch is bad
+        for pos in range(16):
+            rewrite_sample(ds, shard["path"], pos, jpg=b"garbage")
+    loader = build_loader(_cfg(ds, "skip", max_bad_fraction=0.05), "train", 0, 1, CPU)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(BadDataError, match="max_bad_fraction"):
+        train_epoch(model, loader, opt, None, DistInfo(0, 1, 0, CPU))
+
+
+def test_lockstep_single_process_passes_everything_through():
+    info = DistInfo(0, 1, 0, CPU)
+    assert list(lockstep(iter(range(5)), info)) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise BadDataError("shard x key y: bad")
+
+    with pytest.raises(BadDataError, match="shard x key y"):
+        list(lockstep(broken(), info))
