@@ -204,7 +204,7 @@ def test_slurm_script_runs_a_trial_on_two_nodes(tmp_path, digits_root):
     out = tmp_path / "run"
     proc = sbatch(env, "configs/demo.yaml", f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32",
                   f"output_dir={out}", "prune.method=l1", "train.budget_epochs=1", "train.bn_recalib_batches=2",
-                  "measure.repeats=2", "measure.warmup=1", "registry.enabled=false",
+                  "measure.rounds=2", "measure.attempts=1", "measure.warmup=1", "registry.enabled=false",
                   f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=300)
     logs = {i: Path(f"{log}.node{i}").read_text() for i in range(2)}
     assert proc.returncode == 0, proc.stderr + "".join(v[-3000:] for v in logs.values())
@@ -247,7 +247,7 @@ def test_deepspeed_launcher_runs_the_cli_on_two_nodes(tmp_path, digits_root):
     cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr=127.0.0.1",
            f"--master_port={port}", "--module", "launch.cli", "prune", str(ROOT / "configs" / "demo.yaml"),
            f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32", f"output_dir={out}",
-           "prune.method=l1", "train.budget_epochs=1", "train.bn_recalib_batches=2", "measure.repeats=2",
+           "prune.method=l1", "train.budget_epochs=1", "train.bn_recalib_batches=2", "measure.rounds=2", "measure.attempts=1",
            "measure.warmup=1", "registry.enabled=false"]
     opts = {"cwd": ROOT, "env": run_env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
     procs = [subprocess.Popen([cmd[0], cmd[1], cmd[2], cmd[3], f"--node_rank={r}", *cmd[4:]], **opts) for r in range(2)]
