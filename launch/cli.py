@@ -24,14 +24,30 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from pipeline.data.convert import write_digits, write_synthetic
+    from pipeline.data.convert import DatasetError, write_digits, write_synthetic
 
+    if args.kind == "imagenet":
+        from pipeline.data.imagenet import ConvertOptions, convert_imagenet
+
+        result = convert_imagenet(ConvertOptions(
+            src=args.src, out=args.out, per_shard=1024 if args.per_shard is None else args.per_shard,
+            workers=args.workers, seed=args.seed, val_labels=args.val_labels, devkit=args.devkit,
+            overwrite=args.overwrite, stats=args.stats, image_size=224 if args.image_size is None else args.image_size))
+        print(result.summary())
+        return 0
+    given = [flag for flag, value in (("--src", args.src), ("--val-labels", args.val_labels), ("--devkit", args.devkit),
+                                      ("--workers", args.workers), ("--overwrite", args.overwrite or None),
+                                      ("--stats", args.stats or None)) if value is not None]
+    if given:
+        raise DatasetError(f"{given[0]}: only for `prunepipe data imagenet`")
+    size = 32 if args.image_size is None else args.image_size
+    per_shard = 256 if args.per_shard is None else args.per_shard
     if args.kind == "digits":
-        path = write_digits(args.out, image_size=args.image_size, per_shard=args.per_shard, seed=args.seed)
+        path = write_digits(args.out, image_size=size, per_shard=per_shard, seed=args.seed)
     else:
-        path = write_synthetic(args.out, num_classes=args.classes, image_size=args.image_size,
+        path = write_synthetic(args.out, num_classes=args.classes, image_size=size,
                                train_samples=args.train_samples, val_samples=args.val_samples,
-                               per_shard=args.per_shard, seed=args.seed)
+                               per_shard=per_shard, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
@@ -190,16 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="write a dataset as WebDataset shards", description="Write WebDataset shards "
-                       "(.jpg + .cls) and a dataset.json manifest.")
-    p.add_argument("kind", choices=["digits", "synthetic"], help="digits: scikit-learn's real handwritten digits; "
-                   "synthetic: random class-coloured images")
+                       "(.jpg + .cls), their DALI index files and a dataset.json manifest.")
+    p.add_argument("kind", choices=["digits", "synthetic", "imagenet"], help="digits: scikit-learn's real handwritten "
+                   "digits; synthetic: random class-coloured images; imagenet: convert an ILSVRC-2012 folder (--src)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None, help="image size recorded in the manifest "
+                   "(default 32; imagenet: 224, the training crop)")
     p.add_argument("--classes", type=int, default=10, help="synthetic only")
     p.add_argument("--train-samples", type=int, default=512, help="synthetic only")
     p.add_argument("--val-samples", type=int, default=128, help="synthetic only")
-    p.add_argument("--per-shard", type=int, default=256, help="samples per tar shard")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-shard", type=int, default=None, help="samples per tar shard (default 256; imagenet: "
+                   "at most 1024, shards of a split differ by at most one)")
+    p.add_argument("--seed", type=int, default=0, help="split / shard-order seed")
+    p.add_argument("--src", type=Path, default=None, help="imagenet: folder holding train/<wnid>/ and val/")
+    p.add_argument("--val-labels", type=Path, default=None, help="imagenet, flat val/: the devkit's "
+                   "ILSVRC2012_validation_ground_truth.txt, Kaggle's LOC_val_solution.csv or an ImageId,label CSV")
+    p.add_argument("--devkit", type=Path, default=None, help="imagenet, flat val/: the ILSVRC2012_devkit_t12 folder "
+                   "(ground truth + meta.mat); found in --src when there")
+    p.add_argument("--workers", type=int, default=None, help="imagenet: worker processes (default: CPU count)")
+    p.add_argument("--overwrite", action="store_true", help="imagenet: replace a conversion made with other "
+                   "options in --out (by default a rerun continues an interrupted one)")
+    p.add_argument("--stats", type=int, default=0, metavar="N", help="imagenet: compute mean/std from N seeded train "
+                   "images (default 0: ImageNet's standard values)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("prune", help="run one pruning trial (standalone or under torchrun)",

@@ -77,6 +77,7 @@ class LossVariation(Method):
         super().__init__(*args, **kwargs)
         self._cache: dict[tuple[str, int], float] = {}
         self._found: dict[str, dict[float, int]] = {}  # group → {δ: k} of the searches done
+        self._last_fraction = 0.5  # the previous group's rate: the first guess for the next
         self.evaluations = 0
         self.delta_found: float | None = None
         self.rates: dict[str, float] = {}
@@ -135,20 +136,47 @@ class LossVariation(Method):
         return step if g.size % step == 0 else g.channel_groups
 
     def _k_for(self, model, ctx, g, order, delta: float, base: float) -> int:
-        """Largest k (channels masked) with L(k) − L0 ≤ δ, by binary search within the bounds
-        that the searches at neighbouring δ already established (k is monotone in δ)."""
+        """Largest k (channels masked) with L(k) − L0 ≤ δ, within the bounds that the searches at
+        neighbouring δ already established (k is monotone in δ).
+
+        A safeguarded interpolation search: the next k is where the straight line between the
+        bracketing probes crosses L0 + δ (the first probe: the rate the previous group got),
+        with a bisection step whenever the bracket did not halve, so it never needs more probes
+        than about twice a binary search and usually far fewer on the smooth curves real
+        networks give. The result satisfies the same invariant as a binary search: L(k) − L0 ≤ δ
+        and L(k + step) − L0 > δ (or k is the most the group may lose).
+        """
         step = self._step(g)
         hi_units = (g.size - max(self.options.min_keep, step)) // step
         found = self._found.setdefault(g.name, {})
         lo = max([k // step for d, k in found.items() if d <= delta], default=0)
         hi = min([k // step for d, k in found.items() if d >= delta], default=hi_units)
+
+        def rise(u: int) -> float:
+            return 0.0 if u == 0 else self._loss_masked(model, ctx, g, order, u * step) - base
+
+        guess = round(self._last_fraction * hi_units)
+        halve_next = False
         while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self._loss_masked(model, ctx, g, order, mid * step) - base <= delta:
+            width = hi - lo
+            over = hi + 1 if hi < hi_units else None  # a known violating point bounds the line
+            if halve_next or over is None and guess is None:
+                mid = (lo + hi + 1) // 2
+            elif guess is not None:
+                mid = guess
+            else:
+                r_lo, r_over = rise(lo), rise(over)
+                t = (delta - r_lo) / (r_over - r_lo) if r_over > r_lo else 0.5
+                mid = lo + round(t * (over - lo))
+            mid = min(hi, max(lo + 1, mid))
+            guess = None
+            if rise(mid) <= delta:
                 lo = mid
             else:
                 hi = mid - 1
+            halve_next = not halve_next and (hi - lo) * 2 > width  # no halving this step: bisect next
         found[delta] = lo * step
+        self._last_fraction = lo / max(1, hi_units)
         return lo * step
 
     def _rates_for(self, model, ctx, orders, delta: float, base: float) -> dict[str, int]:
