@@ -183,6 +183,9 @@ def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_s
          "data.image_size=16", "data.batch_size=16", f"output_dir={tmp_path / 'out'}", "baseline.epochs=0",
          "train.budget_epochs=1", "measure.rounds=2", "measure.attempts=1", "measure.warmup=1", "train.bn_recalib_batches=2",
          "search.placement_strategy=SPREAD", "search.max_concurrent=2", "search.num_workers=2",
+         # the winner by top-1 alone: the speed-up constraint is not what this test is about, and
+         # a speed measured on a shared 2-core machine is flagged unreliable
+         "search.objective.min_speedup=null", "search.objective.finalists=1",
          "search.space={prune.method: {grid: [l1, random]}, prune.prune_ratio: {choice: [0.5]}}",
          f"registry.tracking_uri={services['mlflow']}", "registry.experiment=cluster", "registry.model_name=clustered"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
