@@ -7,6 +7,7 @@ Every subcommand validates its inputs before any work and reports a problem as o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -285,7 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # The deepspeed launcher runs `python -m launch.cli --local_rank=N <subcommand> ...` (unless
+    # --no_local_rank); it also sets LOCAL_RANK, which pipeline.distributed reads, so the flag
+    # is accepted and only fills LOCAL_RANK where a launcher left it unset.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pipeline.data.convert import DatasetError
     from pipeline.models import WeightsError
     from pipeline.registry import RegistryError

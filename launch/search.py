@@ -101,6 +101,7 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
             num_workers=s.num_workers,
             use_gpu=s.gpus_per_worker > 0,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})},
+            placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=trial_name,
@@ -256,7 +257,8 @@ def ensure_baseline(cfg: Config) -> Config:
             _pretrain_worker,
             train_loop_config={"base": config_to_dict(cfg)},
             scaling_config=ScalingConfig(num_workers=cfg.search.num_workers, use_gpu=cfg.search.gpus_per_worker > 0,
-                                         resources_per_worker={"CPU": cfg.search.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.search.cpus_per_worker},
+                                         placement_strategy=cfg.search.placement_strategy),
             run_config=RunConfig(name="baseline", storage_path=str(Path(cfg.output_dir) / "ray")),
         ).fit()
     else:

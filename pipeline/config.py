@@ -144,6 +144,9 @@ class SearchConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     max_concurrent: int = Field(1, ge=1)
+    # where a trial's workers go (Ray placement group strategy): PACK fills a node first (fast
+    # NVLink/shared-memory collectives); SPREAD puts them on different nodes where it can
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     ray_num_cpus: int | None = Field(None, ge=1)  # logical CPUs for a local ray.init
     metric: str = "val_top1"
     grace_period: int = Field(1, ge=1)
