@@ -34,6 +34,11 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
         return
+    # A local Ray stays on loopback: by default Ray on Linux advertises the machine's network
+    # address even for a single node, and gloo picks the host name's interface. Neither is
+    # needed when every worker is on this machine (a cluster is joined through RAY_ADDRESS).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
     # fit, and the last trial's placement group is released a little after it ends; with an
     # exact fit the next trial's worker group waits for it until it times out.

@@ -8,6 +8,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
+# every process the tests start talks over loopback only: gloo (DDP, DeepSpeed on CPU) binds the
+# loopback interface, and a local Ray advertises 127.0.0.1 instead of the machine's address
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 torch.set_num_threads(2)
 
 

@@ -2,10 +2,11 @@
 
 Everything runs on this machine: a Ray head and a second Ray node (two `ray start --block`
 processes), `mlflow server` over HTTP with its runs and registry in a throwaway PostgreSQL
-cluster. MLflow, PostgreSQL and Ray's dashboard listen on 127.0.0.1. The Ray nodes are given
---node-ip-address=127.0.0.1, but Ray on Linux swaps a loopback node address for the machine's
-own reachable one (ray._private.services.resolve_ip_for_localhost), so they advertise this
-machine's interface address; the traffic still never leaves the machine. Every service runs in its own process group, and the test ends
+cluster. Ray on Linux swaps a loopback node address for the machine's own network address
+(ray._private.services.resolve_ip_for_localhost), and a second node cannot join a head kept on
+loopback; so the whole cluster runs inside a private network namespace made for the test
+(`unshare --net`) where loopback is the only interface: every service listens on, and every
+packet goes to, 127.0.0.1. Every service runs in its own process group, and the test ends
 exactly those groups (never `ray stop`, which would end every Ray on the machine).
 """
 
@@ -87,7 +88,10 @@ def cluster_env(**extra: str) -> dict[str, str]:
     without it; a real cluster keeps it (docs/cluster.md). No 30 s drain on SIGTERM either:
     nothing is left to drain when the test is over.
     """
+    # multi-node on (conftest keeps single-node Rays on loopback with it off): in the private
+    # namespace loopback is all there is, so the nodes still advertise 127.0.0.1
     return run_env(RAY_AUTH_MODE="disabled", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="240",
+                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
                    RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="2", **extra)
 
 
@@ -170,6 +174,23 @@ def services(postgres: str, tmp_path: Path) -> Iterator[dict[str, str]]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+IN_NETNS = os.environ.get("PRUNEPIPE_PRIVATE_NETNS") == "1"
+
+
+def test_two_node_ray_cluster_in_a_private_network_namespace():
+    """Runs the cluster test below in a new network namespace that holds only loopback."""
+    if IN_NETNS:
+        pytest.skip("already inside the private namespace")
+    if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("needs root with unshare and ip to make a private network namespace")
+    target = f"{Path(__file__).relative_to(ROOT)}::test_search_on_a_two_node_ray_cluster_with_an_mlflow_server"
+    inner = f"ip link set lo up && exec {sys.executable} -m pytest -q -p no:cacheprovider -m slow {target}"
+    proc = subprocess.run(["unshare", "--net", "--", "sh", "-c", inner], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PRUNEPIPE_PRIVATE_NETNS": "1"}, timeout=900)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not IN_NETNS, reason="runs inside the private network namespace made by the test above")
 def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_synthetic, services):
     """`prunepipe search` joins the cluster through RAY_ADDRESS; two trials run at once, each a
     2-worker DDP job placed with SPREAD (one worker per node); both log to the MLflow server on
