@@ -169,7 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"{args.rounds} interleaved rounds per setting")
     print(table)
     if any(not r.reliable for r in rows):
-        print("(noisy): the interquartile range of the per-round speed-ups is above 10 %: something else is running")
+        print("(noisy): the per-round speed-ups spread by more than 10 % (IQR), or other processes used more than "
+              "10 % of the CPUs while timing: re-run alone")
     if args.out:
         Path(args.out).write_text(table + "\n")
     plot = plot_speedups(rows, args.plot) if args.plot else None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.measure import count_macs, count_params, fold_batchnorm, interleaved_times, make_timer
+from pipeline.measure import ForeignCPU, count_macs, count_params, fold_batchnorm, interleaved_times, make_timer
 
 
 @dataclass
@@ -43,6 +43,7 @@ class BenchRow:
     macs_reduction: float
     latency_p50_ms: float | None = None
     latency_p90_ms: float | None = None
+    foreign_cpu: float = 0.0  # share of the CPUs other processes used while this setting was timed
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,12 +87,15 @@ def run_bench(
                     for n in nets:
                         for _ in range(warmup):
                             clock(n, x)
+                    probe = ForeignCPU()
                     times = interleaved_times(nets, x, rounds, per_round, clock)
-                    rows += _rows(models, times, batch, precision, cl, comp, max_spread)
+                    foreign = probe.fraction() if device.type == "cpu" else 0.0
+                    rows += _rows(models, times, batch, precision, cl, comp, max_spread, foreign)
     return rows
 
 
-def _rows(models, times, batch, precision, cl, comp, max_spread) -> list[BenchRow]:
+def _rows(models, times, batch, precision, cl, comp, max_spread, foreign: float = 0.0,
+          max_foreign: float = 0.10) -> list[BenchRow]:
     out = []
     dense_t = times[0]
     for m, t in zip(models, times, strict=True):
@@ -99,7 +103,8 @@ def _rows(models, times, batch, precision, cl, comp, max_spread) -> list[BenchRo
         q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
         mid = statistics.median(ratios)
         row = BenchRow(m.label, batch, precision, cl, comp, batch / statistics.median(t), mid, q[0], q[2],
-                       reliable=(q[2] - q[0]) / mid <= max_spread, macs_reduction=1 - m.macs / models[0].macs)
+                       reliable=(q[2] - q[0]) / mid <= max_spread and foreign <= max_foreign,
+                       macs_reduction=1 - m.macs / models[0].macs, foreign_cpu=foreign)
         if batch == 1:
             ordered = sorted(t)
             row.latency_p50_ms = 1000 * statistics.median(ordered)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -127,6 +128,41 @@ def make_timer(device: torch.device, amp_dtype: torch.dtype | None = None) -> Ti
     return cpu_timer
 
 
+class ForeignCPU:
+    """How much of the machine's CPU *other* processes used while we timed (0..1).
+
+    Interleaving protects a ratio against load that comes and goes, but not against load that
+    stays: with another process on the cores, torch's OpenMP threads spin-wait and every forward
+    takes the same long time whatever its size — a tight, confident, wrong ratio of 1.0 (seen
+    here: 0.8 s for a forward that takes 0.012 s alone). The machine's busy time (/proc/stat)
+    minus this process's CPU time, over the wall time of all cores, says whether we were alone.
+    Linux only; elsewhere it reports 0 (no evidence either way).
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait, no guest double count
+        own = os.times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def fraction(self) -> float:
+        end = self._sample()
+        if self._start is None or end is None:
+            return 0.0
+        wall = end[0] - self._start[0]
+        foreign = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return max(0.0, min(1.0, foreign / max(1e-9, wall * (os.cpu_count() or 1))))
+
+
 @dataclass
 class SpeedUp:
     """Dense vs pruned timed in interleaved rounds; the speed-up is the median of per-round ratios."""
@@ -139,6 +175,7 @@ class SpeedUp:
     rounds: int
     attempts: int
     reliable: bool
+    foreign_cpu: float = 0.0  # share of the CPUs other processes used while timing (CPU runs)
 
     @property
     def spread(self) -> float:
@@ -202,6 +239,7 @@ def interleaved_speedup(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     timer: Timer | None = None,
+    max_foreign_cpu: float = 0.10,
 ) -> SpeedUp:
     """Time dense and pruned in many short interleaved rounds (ABBA: the order flips every
     round, so a trend in the machine's speed cancels) and take the speed-up per round.
@@ -211,7 +249,9 @@ def interleaved_speedup(
     show it as spread; the median ignores a few hit rounds. A result whose interquartile range
     exceeds ``max_spread`` (relative) is measured again with twice the rounds, up to
     ``attempts`` times; if it stays noisy it is returned with ``reliable=False`` — never as a
-    plain number. ``timer`` is injectable so decisions built on this can be tested.
+    plain number. On a CPU, a measurement during which other processes used more than
+    ``max_foreign_cpu`` of the machine is unreliable however tight it looks (see
+    :class:`ForeignCPU`). ``timer`` is injectable so decisions built on this can be tested.
     """
     device = torch.device(device)
     timer = timer or make_timer(device, amp_dtype)
@@ -223,12 +263,14 @@ def interleaved_speedup(
             timer(m, x)
     n = rounds
     for attempt in range(1, attempts + 1):
+        probe = ForeignCPU()
         dense_t, pruned_t = interleaved_times(models, x, n, per_round, timer)
+        foreign = probe.fraction() if device.type == "cpu" else 0.0
         ratios = [d / p for d, p in zip(dense_t, pruned_t, strict=True)]
         low, mid, high = _quartiles(ratios)
         result = SpeedUp(mid, low, high, batch_size / statistics.median(dense_t), batch_size / statistics.median(pruned_t),
-                         n, attempt, reliable=False)
-        if result.spread <= max_spread:
+                         n, attempt, reliable=False, foreign_cpu=foreign)
+        if result.spread <= max_spread and foreign <= max_foreign_cpu:
             result.reliable = True
             return result
         n *= 2
@@ -278,6 +320,7 @@ def compare(
         "speed_spread": s.spread,
         "speed_rounds": s.rounds,
         "speed_reliable": float(s.reliable),
+        "speed_foreign_cpu": s.foreign_cpu,
         "macs_speedup": macs_speedup,
         # 1.0 = every MAC removed turned into speed; pruning tools are often far below
         "speedup_efficiency": s.speedup / macs_speedup,

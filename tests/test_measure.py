@@ -1,6 +1,7 @@
 """Interleaved dense-vs-pruned timing: the median per-round speed-up survives contention, and a
 measurement that stays noisy is flagged unreliable instead of reported as a plain number."""
 
+import os
 import random
 
 import pytest
@@ -72,3 +73,29 @@ def test_compare_reports_spread_and_flag_and_real_macs():
     assert m["speedup_low"] <= m["speedup"] <= m["speedup_high"]
     assert m["macs"] == count_macs(pruned, 8) < m["dense_macs"] == count_macs(dense, 8)
     assert m["speedup_efficiency"] == pytest.approx(2.0 / (m["dense_macs"] / m["macs"]))
+
+
+def test_a_steady_hog_on_the_cores_is_flagged_even_when_the_ratio_looks_tight():
+    """Load that stays makes every forward equally slow: the ratio comes out tight and wrong.
+    Other processes burning the CPUs while we time must mark the result unreliable."""
+    import subprocess
+    import sys
+    import time
+
+    dense, pruned = _pair()
+
+    def sleepy(model, x):  # wall time passes, this process uses no CPU: all the busy time is foreign
+        time.sleep(0.02)
+        return 0.02
+
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        s = interleaved_speedup(dense, pruned, 8, batch_size=2, rounds=8, per_round=1, warmup=0, attempts=1,
+                                timer=sleepy)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert s.spread == 0.0  # perfectly tight...
+    assert s.foreign_cpu > 0.5 and not s.reliable  # ...and still not to be trusted
