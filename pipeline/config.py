@@ -99,7 +99,7 @@ class TrainConfig(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        from pipeline.backends import backend_names  # same layer; the registry holds no heavy imports
+        from pipeline.backends import backend_names  # same layer; no backend module is imported
 
         if name not in backend_names():
             raise ValueError(f"allowed values are {', '.join(backend_names())}")
