@@ -30,12 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launch.recipe import baseline_path, run_pretrain, run_trial  # noqa: E402
 from methods import get_method_class, keep_count, method_names  # noqa: E402
 from pipeline import registry  # noqa: E402
 from pipeline.config import absolutize, build_config  # noqa: E402
 from pipeline.data.convert import write_digits  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.recipe import baseline_path, run_pretrain, run_trial  # noqa: E402
 from pipeline.surgery import find_groups, macs_after, macs_profile  # noqa: E402
 
 SEED_METHODS = ["sfp", "autopruner", "lossvar", "abp", "ista"]

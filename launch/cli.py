@@ -20,7 +20,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    return absolutize(load_config(args.config, args.overrides))
+    """The validated config: the core schema, then what only the recipe knows (method names and
+    options), so a bad ``prune.method`` or option stops here, before any work."""
+    from launch.recipe import check_config
+
+    return check_config(absolutize(load_config(args.config, args.overrides)))
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -53,7 +57,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from pipeline.recipe import run_trial
+    from launch.recipe import run_trial
 
     cfg = _load(args)
     final = run_trial(cfg)
@@ -66,7 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from pipeline.recipe import run_pretrain
+    from launch.recipe import run_pretrain
 
     print(f"baseline weights: {run_pretrain(_load(args))}")
     return 0
@@ -297,12 +301,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pipeline.data.convert import DatasetError
     from pipeline.models import WeightsError
-    from pipeline.registry import RegistryError
     from pipeline.spec import SpecError
 
+    user_errors: tuple[type[Exception], ...] = (ConfigError, DatasetError, SpecError, WeightsError)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, SpecError, WeightsError, RegistryError) as err:
+    except Exception as err:
+        # the registry's errors, without importing MLflow here: a trial with registry.enabled=false
+        # must run where MLflow is not installed, and only the registry module raises them
+        registry = sys.modules.get("pipeline.registry")
+        if registry is not None:
+            user_errors += (registry.RegistryError,)
+        if not isinstance(err, user_errors):
+            raise
         print(f"prunepipe: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""The Ray Tune search: each trial is a multi-worker Ray Train TorchTrainer job (DDP).
+"""The Ray Tune search: each trial is a multi-worker Ray Train TorchTrainer job (DDP or DeepSpeed).
 
 Ray Train V2's pattern: Tune runs a small driver function per trial that builds a
 ``TorchTrainer`` and calls ``fit()``; workers report with ``ray.train.report`` and
@@ -69,7 +69,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: the very same recipe as `prunepipe prune`."""
     import ray.train
 
-    from pipeline.recipe import run_trial
+    from launch.recipe import run_trial
 
     cfg = build_config(loop_config["base"], loop_config["overrides"])
 
@@ -129,6 +129,9 @@ def run_search(cfg: Config) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from launch.recipe import check_config
+
+    check_config(cfg)  # every method name and option the space may draw, before Ray starts
     base = config_to_dict(cfg)
     s = cfg.search
     init_ray(cfg)
@@ -240,14 +243,14 @@ def _speed(r: dict[str, Any]) -> str:
 
 
 def _pretrain_worker(loop_config: dict[str, Any]) -> None:
-    from pipeline.recipe import run_pretrain
+    from launch.recipe import run_pretrain
 
     run_pretrain(build_config(loop_config["base"], {}))
 
 
 def ensure_baseline(cfg: Config) -> Config:
     """Train the dense baseline once (as a DDP job) unless weights are given or it exists."""
-    from pipeline.recipe import baseline_path
+    from launch.recipe import baseline_path
 
     if cfg.model.weights is not None or cfg.baseline.epochs == 0:
         return cfg

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ARCHS = (
     "resnet18",
@@ -87,6 +87,39 @@ class TrainConfig(_Strict):
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for GPU
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of a trial's worker group
     bn_recalib_batches: int = Field(10, ge=0)  # after the cut: re-estimate BN statistics (0 = off)
+    # the training backend (pipeline/backends): ddp, or deepspeed (ZeRO 0-2, DeepSpeed owns
+    # backward, step, loss scaling and clipping); recipe and methods run unchanged on either
+    backend: str = "ddp"
+    zero_stage: int = Field(0, ge=0, le=2)  # deepspeed only: 1 partitions optimizer state, 2 gradients too
+    grad_accum: int = Field(1, ge=1, le=1024)  # micro-batches (data.batch_size each) per optimizer step
+    grad_clip: float = Field(0.0, ge=0.0)  # max global gradient norm; 0 = off
+    # deepspeed only: a JSON file whose keys are merged over the config derived from this one
+    deepspeed_config: str | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from pipeline.backends import backend_names  # same layer; no backend module is imported
+
+        if name not in backend_names():
+            raise ValueError(f"allowed values are {', '.join(backend_names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _deepspeed_only(self) -> TrainConfig:
+        if self.backend != "deepspeed":
+            # silently ignoring a ZeRO stage or a DeepSpeed file would train something else than asked
+            if self.zero_stage:
+                raise ValueError(f"train.zero_stage = {self.zero_stage}: needs train.backend=deepspeed")
+            if self.deepspeed_config is not None:
+                raise ValueError("train.deepspeed_config: needs train.backend=deepspeed")
+            return self
+        from pipeline.backends.deepspeed_config import check_installed, read_override
+
+        check_installed()
+        if self.deepspeed_config is not None:
+            read_override(self.deepspeed_config)
+        return self
 
 
 class BaselineConfig(_Strict):
@@ -177,27 +210,10 @@ class Config(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
-    def _method_and_options(self) -> Config:
-        # Imported here: methods import the config types, and the registry must be filled.
-        from methods import get_method_class, method_names
-
-        try:
-            get_method_class(self.prune.method)
-        except KeyError:
-            raise ValueError(
-                f"prune.method: unknown method {self.prune.method!r}; allowed: {', '.join(method_names())}"
-            ) from None
-        for name, opts in self.prune.options.items():
-            try:
-                other = get_method_class(name)
-            except KeyError:
-                raise ValueError(
-                    f"prune.options.{name}: unknown method; allowed: {', '.join(method_names())}"
-                ) from None
-            try:
-                other.Options(**opts)
-            except ValidationError as err:
-                raise ValueError(_format(err, prefix=f"prune.options.{name}.")) from None
+    def _search_keys(self) -> Config:
+        # Method names and options are not checked here: the core knows no method. The launcher
+        # checks them before any work (launch.recipe.check_config) and each method validates its
+        # own options when the recipe builds it.
         for key in self.search.space:
             _check_dotted_key(key)
         return self
@@ -223,10 +239,13 @@ def _check_dotted_key(key: str) -> None:
         raise ValueError(f"search.space: {key!r} names a section, not a value")
 
 
-def _format(err: ValidationError, prefix: str = "") -> str:
+def format_error(err: ValidationError, prefix: str = "") -> str:
+    """pydantic's first error as one line naming the dotted key (``prefix`` + its location)."""
     e = err.errors()[0]
     loc = prefix + ".".join(str(p) for p in e["loc"] if p != "__root__")
     msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error" and loc and msg.startswith(f"{loc}."):
+        return msg  # a section's own check already names the key it is about
     if e["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
     if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
@@ -272,7 +291,7 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
     try:
         return Config(**tree)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(format_error(err)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -315,6 +334,10 @@ def absolutize(cfg: Config) -> Config:
     model = cfg.model
     if model.weights:
         model = model.model_copy(update={"weights": str(Path(model.weights).resolve())})
+    train = cfg.train
+    if train.deepspeed_config:
+        train = train.model_copy(update={"deepspeed_config": str(Path(train.deepspeed_config).resolve())})
+    updates["train"] = train
     reg = cfg.registry
     if reg.tracking_uri.startswith("sqlite:///") and not reg.tracking_uri.startswith("sqlite:////"):
         path = Path(reg.tracking_uri.removeprefix("sqlite:///")).resolve()

@@ -1,5 +1,6 @@
-"""The training engine: DDP (gloo on CPU, nccl on GPU), one epoch of training, evaluation,
-atomic checkpoints. No trainer framework: the recipe calls these in order.
+"""The training engine: one epoch of training through a backend (DDP or DeepSpeed), a phase of
+epochs with its optimizer and schedule, evaluation, atomic checkpoints. No trainer framework: the
+recipe calls these in order.
 """
 
 from __future__ import annotations
@@ -7,21 +8,37 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from pipeline.backends import TrainingBackend, make_backend
 from pipeline.data.errors import BadDataError
 from pipeline.distributed import DistInfo, all_reduce_sum, control_group
 
 if TYPE_CHECKING:
-    from methods.base import Method
+    from pipeline.config import TrainConfig
     from pipeline.data.loaders import Loader
+
+
+class TrainHooks(Protocol):
+    """The part of a pruning method the training loop calls (``methods.base.Method`` has it);
+    named here so that the core never imports a method."""
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None: ...
+
+    def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None: ...
+
+    def optimizer_overrides(self) -> dict[str, Any]: ...
+
+    def lr_scales(self, model: nn.Module) -> dict[nn.Parameter, float]: ...
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -35,21 +52,6 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def use_channels_last(mode: str, device: torch.device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
-
-
-def wrap_ddp(model: nn.Module, info: DistInfo, channels_last: bool = False) -> nn.Module:
-    model = model.to(info.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if not info.distributed:
-        return model
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    # syncing buffers keeps BN running statistics identical on every rank (rank 0's)
-    return DDP(model, device_ids=ids, forward_sync_buffers=True)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DDP) else model
 
 
 def make_optimizer(
@@ -89,27 +91,79 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_epoch(
+def optimizer_steps(batches: int, grad_accum: int) -> int:
+    """Optimizer steps of an epoch of ``batches`` micro-batches: the last, short group steps too."""
+    return math.ceil(batches / grad_accum)
+
+
+def train_phase(
     model: nn.Module,
-    loader: Loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    epochs: range,
+    total_epochs: int,
+    train: TrainConfig,
     info: DistInfo,
-    method: Method | None = None,
+    loader: Loader,
+    micro_batch: int,
+    on_epoch: Callable[[int, TrainingBackend, dict[str, float]], None],
+    method: TrainHooks | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``epochs`` (a range, so a resumed phase starts mid-way) on ``train.backend``, with
+    ``micro_batch`` the loader's batch size per rank; after each epoch run the method's
+    ``on_epoch_end`` and then ``on_epoch(epoch, backend, stats)``. The same SGD groups and cosine schedule on
+    every backend; ``optimizer_state`` (from :meth:`TrainingBackend.state_dict`) resumes one.
+    Returns the trained plain module, released by the backend.
+    """
+    cl = use_channels_last(train.channels_last, info.device)
+    amp = amp_dtype(train.amp, info.device)
+    sgd = {"momentum": train.momentum, "nesterov": train.nesterov, "weight_decay": train.weight_decay}
+    if method is not None:
+        sgd.update(method.optimizer_overrides())
+    model = model.to(info.device)
+    opt = make_optimizer(model, train.lr, lr_scales=method.lr_scales(model) if method is not None else None, **sgd)
+    per_epoch = optimizer_steps(max(1, len(loader)), train.grad_accum)
+    sched = cosine_schedule(opt, per_epoch * total_epochs, train.warmup_epochs * per_epoch)
+    backend = make_backend(train, info, micro_batch, amp, cl)
+    backend.wrap(model, opt, sched)
+    if optimizer_state is not None:
+        backend.load_state_dict(optimizer_state)
+    for _ in range(epochs.start * per_epoch):
+        sched.step()  # fast-forward the schedule of a resumed phase
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        stats = train_epoch(backend, loader, info, method=method, amp=amp, label_smoothing=train.label_smoothing,
+                            channels_last=cl, grad_accum=train.grad_accum, desc=f"{desc} {epoch + 1}/{total_epochs}")
+        if method is not None:
+            method.on_epoch_end(backend.module, epoch)
+            backend.params_edited()
+        on_epoch(epoch, backend, stats)
+    backend.close()
+    return backend.module
+
+
+def train_epoch(
+    backend: TrainingBackend,
+    loader: Loader,
+    info: DistInfo,
+    method: TrainHooks | None = None,
     amp: torch.dtype | None = None,
     label_smoothing: float = 0.0,
     channels_last: bool = False,
+    grad_accum: int = 1,
     desc: str = "train",
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss and top-1 over all ranks, the steps taken
     and the bad samples skipped.
 
-    No per-step host synchronisation: loss and accuracy accumulate on the device and are read
-    once at the end (an ``.item()`` per step would stall a GPU's queue every step).
+    The optimizer steps every ``grad_accum`` micro-batches and after the epoch's last one. After
+    each step the method's ``after_step`` hook runs on the module, then the backend makes the
+    optimizer see what it edited. No per-step host synchronisation: loss and accuracy accumulate
+    on the device and are read once at the end (an ``.item()`` per step would stall a GPU's queue).
     """
-    model.train()
+    net = backend.module
+    net.train()
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
     expected = len(loader)
     _check_equal_steps(expected, info)
@@ -117,30 +171,32 @@ def train_epoch(
     bad_before = errors.total if errors is not None else 0
     bar = tqdm(total=expected, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
     steps = 0
-    for images, labels in lockstep(loader, info):
+    started = time.perf_counter()
+    for (images, labels), last in _mark_last(lockstep(loader, info)):
+        steps += 1
+        boundary = last or steps % grad_accum == 0
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
-            logits = model(images)
-            loss = criterion(logits, labels)
-            extra = method.loss_term(unwrap(model)) if method is not None else None
-            total = loss + extra if extra is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        if method is not None:
-            method.after_step(unwrap(model), optimizer)
+        with backend.accumulate(boundary):
+            with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
+                logits = backend.forward(images)
+                loss = criterion(logits, labels)
+                extra = method.loss_term(net) if method is not None else None
+                total = loss + extra if extra is not None else loss
+            backend.backward_step(total, boundary)
+        if boundary and method is not None:
+            method.after_step(net, backend.optimizer)
+            backend.params_edited()
         n = labels.numel()
         with torch.no_grad():
             stats[0] += loss.detach().double() * n
             stats[1] += (logits.argmax(1) == labels).sum()
             stats[2] += n
-        steps += 1
         bar.update(1)
     bar.close()
+    backend.sync_buffers()
+    local_samples = stats[2].item()  # one host sync per epoch, after the last step
+    img_s_per_worker = local_samples / max(1e-9, time.perf_counter() - started)
     bad = torch.tensor([(errors.total if errors is not None else 0) - bad_before], dtype=torch.float64,
                        device=info.device)
     all_reduce_sum(stats, info)
@@ -150,8 +206,23 @@ def train_epoch(
         print(f"[prunepipe] warning: {desc}: the epoch ended after {steps} of {expected} batches: a reader ran "
               "short of what the manifest declares (bad samples or a truncated shard)", flush=True)
     _check_bad_fraction(int(bad.item()), int(stats[2].item()), loader)
+    # rank 0's own rate: what one worker (GPU) trains, loading and stepping included
     return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count, "steps": steps,
-            "bad_samples": int(bad.item())}
+            "bad_samples": int(bad.item()), "train_img_s_per_worker": img_s_per_worker}
+
+
+def _mark_last(items: Iterable) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` pairs, one item ahead: the last micro-batch of an epoch must step even
+    when the epoch ends early (``lockstep`` ends it on every rank at once, so all agree)."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for nxt in it:
+        yield current, False
+        current = nxt
+    yield current, True
 
 
 def lockstep(batches: Iterable, info: DistInfo) -> Iterator:
@@ -215,7 +286,7 @@ def evaluate(
     model: nn.Module, loader: Loader, info: DistInfo, amp: torch.dtype | None = None, channels_last: bool = False
 ) -> dict[str, float]:
     """Top-1, top-5 and loss over the whole split (each rank evaluates its share; all-reduced)."""
-    net = unwrap(model)  # no DDP forward: ranks may hold different batch counts
+    net = model  # the plain module, no DDP forward: ranks may hold different batch counts
     net.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss sum, top1, top5, count
     for images, labels in loader:
@@ -273,7 +344,7 @@ def recalibrate_bn(model: nn.Module, batches, info: DistInfo | None = None, max_
     A cumulative average (momentum=None) over a few training batches fixes them. Under DDP
     every rank sees its own batches; averaging the estimates keeps the ranks identical.
     """
-    net = unwrap(model)
+    net = model
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:

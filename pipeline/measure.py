@@ -58,47 +58,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@dataclass
-class Throughput:
-    images_per_s: float
-    batch_size: int
-    repeats: int
-    device: str
-    precision: str
-
-
-def measure_throughput(
-    model: nn.Module,
-    image_size: int,
-    batch_size: int = 64,
-    warmup: int = 3,
-    repeats: int = 10,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> Throughput:
-    """Inference images/s: median over ``repeats`` timed batches after ``warmup`` batches."""
-    device = torch.device(device)
-    model = model.eval().to(device)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    with torch.inference_mode(), autocast:
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "float32"
-    return Throughput(batch_size / statistics.median(times), batch_size, repeats, device.type, precision)
-
-
 Timer = Callable[[nn.Module, torch.Tensor], float]
 
 

@@ -10,6 +10,7 @@ from pipeline.data.loaders import build_loader
 from pipeline.data.manifest import DatasetError
 from pipeline.distributed import DistInfo
 from pipeline.engine import lockstep, train_epoch
+from tests.helpers.ddp_check import ddp_backend
 from tests.helpers.doctor import copy_dataset, manifest, rewrite_sample, truncate_shard, write_manifest_raw
 
 CPU = torch.device("cpu")
@@ -104,9 +105,9 @@ def test_an_epoch_of_mostly_bad_samples_stops(ds):
             rewrite_sample(ds, shard["path"], pos, jpg=b"garbage")
     loader = build_loader(_cfg(ds, "skip", max_bad_fraction=0.05), "train", 0, 1, CPU)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    info = DistInfo(0, 1, 0, CPU)
     with pytest.raises(BadDataError, match="max_bad_fraction"):
-        train_epoch(model, loader, opt, None, DistInfo(0, 1, 0, CPU))
+        train_epoch(ddp_backend(model, info), loader, info)
 
 
 def test_lockstep_single_process_passes_everything_through():

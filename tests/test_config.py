@@ -3,6 +3,7 @@ import sys
 
 import pytest
 
+from launch.recipe import check_config
 from pipeline.config import ConfigError, build_config, load_config, parse_override
 from tests.conftest import ROOT
 
@@ -28,11 +29,20 @@ def test_shipped_configs_validate():
         ("prune.options.random={colour: 1}", "prune.options.random.colour: unknown key"),
         ("data.backend=dali9", "data.backend"),
         ("prune.scope=everything", "prune.scope"),
+        ("train.backend=horovod", "train.backend = 'horovod': allowed values are ddp, deepspeed"),
+        ("train.zero_stage=3", "train.zero_stage"),
+        ("train.zero_stage=2", "train.zero_stage = 2: needs train.backend=deepspeed"),
+        ("train.grad_accum=0", "train.grad_accum"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("search.space={prune.method: {grid: [l1, magic]}}", "search.space: prune.method: unknown method 'magic'"),
+        ("search.space={prune.options.lossvar.colour: {choice: [1]}}", "lossvar has no option 'colour'"),
+        ("search.space={prune.options.lossvar.delta: {choice: [-1]}}", "prune.options.lossvar.delta"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
+    # the core schema (load_config), then the launcher's method checks (check_config): both before work
     with pytest.raises(ConfigError) as err:
-        load_config(DEMO, [override])
+        check_config(load_config(DEMO, [override]))
     msg = str(err.value)
     assert needle in msg
     assert "\n" not in msg  # one line
@@ -72,3 +82,39 @@ def test_cli_reports_one_line_without_traceback(tmp_path):
     assert len(err) == 1 and err[0].startswith("prunepipe: error: prune.prune_ratio")
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing was written: it stopped before any work
+
+
+def test_core_config_leaves_methods_to_the_launcher():
+    # pipeline.config knows no method: a name it cannot know passes the schema, and the
+    # launcher's check_config (which the CLI and the search run before any work) stops it
+    cfg = load_config(DEMO, ["prune.method=magic"])
+    with pytest.raises(ConfigError, match="prune.method"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "does not exist"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"gradient_accumulation_steps": 4}', "'gradient_accumulation_steps' comes from train.grad_accum"),
+        ('{"bf16": {"enabled": true}}', "'bf16' comes from train.amp"),
+        ('{"zero_optimization": {"stage": 3}}', "'zero_optimization.stage' comes from train.zero_stage"),
+    ],
+)
+def test_deepspeed_override_file_is_checked(tmp_path, content, needle):
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["train.backend=deepspeed", f"train.deepspeed_config={path}"])
+    msg = str(err.value)
+    assert msg.startswith("train.deepspeed_config") and needle in msg and "\n" not in msg
+
+
+def test_deepspeed_config_needs_the_deepspeed_backend(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match="train.deepspeed_config: needs train.backend=deepspeed"):
+        load_config(DEMO, [f"train.deepspeed_config={path}"])

@@ -12,10 +12,11 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from methods import SelectContext, get_method_class, method_names  # noqa: E402
-from pipeline.config import DataConfig  # noqa: E402
+from pipeline.backends.ddp import DDPBackend  # noqa: E402
+from pipeline.config import DataConfig, TrainConfig  # noqa: E402
 from pipeline.data.loaders import build_loader, calibration_set  # noqa: E402
 from pipeline.distributed import assert_same_on_all_ranks, init_distributed  # noqa: E402
-from pipeline.engine import make_optimizer, train_epoch, unwrap, wrap_ddp  # noqa: E402
+from pipeline.engine import make_optimizer, train_epoch  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
 
 
@@ -33,6 +34,13 @@ class _First:
             if i >= self.n:
                 return
             yield batch
+
+
+def ddp_backend(model, info, lr_scales=None) -> DDPBackend:
+    """The engine's DDP backend around ``model`` with the recipe's SGD (no schedule)."""
+    backend = DDPBackend(TrainConfig(), info, micro_batch=16)
+    backend.wrap(model, make_optimizer(model, 0.05, 0.9, True, 1e-4, lr_scales=lr_scales), None)
+    return backend
 
 
 def lossvar_model(image_size: int = 16):
@@ -55,10 +63,9 @@ def _lifecycle_under_ddp(name: str, info, data_root: str) -> dict:
     if method.training_aware:
         loader = _First(build_loader(cfg, "train", info.rank, info.world, info.device, seed=0), 2)
         method.on_train_start(model, steps_per_epoch=2, epochs=1)
-        ddp = wrap_ddp(model, info)
-        opt = make_optimizer(ddp, 0.05, 0.9, True, 1e-4, lr_scales=method.lr_scales(model))
-        train_epoch(ddp, loader, opt, None, info, method=method)
-        model = unwrap(ddp)
+        backend = ddp_backend(model, info, lr_scales=method.lr_scales(model))
+        train_epoch(backend, loader, info, method=method)
+        model = backend.module
     ctx = SelectContext(info=info, image_size=16)
     if method.calibration_samples():
         ctx.calib = calibration_set(cfg, 64, info.rank, info.world, info.device)
@@ -74,10 +81,9 @@ def main(out: str, data_root: str) -> None:
     model = torchvision.models.resnet18(num_classes=10)
     cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
     loader = build_loader(cfg, "train", info.rank, info.world, info.device, seed=0)
-    ddp = wrap_ddp(model, info)
-    opt = make_optimizer(ddp, 0.05, 0.9, True, 1e-4)
-    stats = train_epoch(ddp, loader, opt, None, info)
-    net = unwrap(ddp)
+    backend = ddp_backend(model, info)
+    stats = train_epoch(backend, loader, info)
+    net = backend.module
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
     grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     gathered = [torch.zeros_like(flat) for _ in range(info.world)]

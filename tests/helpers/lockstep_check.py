@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.data.errors import BadDataError, BadSampleLog  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
-from pipeline.engine import make_optimizer, train_epoch, wrap_ddp  # noqa: E402
+from pipeline.engine import train_epoch  # noqa: E402
+from tests.helpers.ddp_check import ddp_backend  # noqa: E402
 
 
 class FakeLoader:
@@ -39,11 +40,10 @@ def main(out: str, mode: str) -> None:
     info = init_distributed()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3))
-    ddp = wrap_ddp(model, info)
-    opt = make_optimizer(ddp, 0.1, 0.9, False, 0.0)
+    backend = ddp_backend(model, info)
     result = {"rank": info.rank}
     try:
-        stats = train_epoch(ddp, FakeLoader(info.rank, mode), opt, None, info)
+        stats = train_epoch(backend, FakeLoader(info.rank, mode), info)
         result["steps"] = stats["steps"]
     except BadDataError as err:
         result["error"] = str(err)

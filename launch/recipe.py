@@ -1,0 +1,469 @@
+"""The trial recipe, top to bottom: setup → prune → cut → measure → fine-tune → save.
+
+``run_trial`` reads as that list: each phase is one function of the :class:`Trial` it carries
+along, and :class:`Resume` alone reads the checkpoint and says where to start. The recipe sits
+above the methods and the core it composes (torchtune keeps its recipes the same way): it is
+the one place that knows a method by its configured name. It runs standalone, under
+``torchrun`` or the ``deepspeed`` launcher, and inside a Ray Train worker, on either training
+backend (``train.backend``) without knowing which.
+
+Every rank runs the same steps; rank 0 alone writes checkpoints, the model folder and the
+MLflow run. A checkpoint after every epoch lets a restarted trial (a dead worker, a preempted
+node) resume where it stopped instead of starting over. MLflow is imported only when the
+registry is enabled, so a ``registry.enabled=false`` trial needs neither MLflow nor Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from methods import Method, SelectContext, get_method_class, method_names
+from pipeline.config import Config, ConfigError, config_to_dict, flatten, format_error
+from pipeline.data.loaders import Loader, build_loader, calibration_set
+from pipeline.distributed import (
+    DistInfo,
+    assert_same_on_all_ranks,
+    barrier,
+    broadcast_object,
+    gather_to_main,
+    init_distributed,
+)
+from pipeline.engine import (
+    amp_dtype,
+    evaluate,
+    load_checkpoint,
+    optimizer_steps,
+    recalibrate_bn,
+    save_checkpoint,
+    train_phase,
+    use_channels_last,
+)
+from pipeline.measure import compare
+from pipeline.models import build_model
+from pipeline.plots import width_plot
+from pipeline.spec import build_from_spec, make_spec, save_pruned
+from pipeline.surgery import ChannelGroup, apply_masks, find_groups, prune_model
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+# --- checks before any work -----------------------------------------------------------------------
+def _method_class(name: str, key: str) -> type[Method]:
+    try:
+        return get_method_class(name)
+    except KeyError:
+        raise ConfigError(f"{key}: unknown method {name!r}; allowed: {', '.join(method_names())}") from None
+
+
+def _check_options(name: str, options: Any, key: str) -> None:
+    """``options`` against method ``name``'s own schema (``name`` is known to be registered)."""
+    cls = get_method_class(name)
+    if not isinstance(options, dict):
+        raise ConfigError(f"{key} = {options!r}: expected a mapping of {name}'s options")
+    try:
+        cls.Options(**options)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
+
+
+def _epochs(cfg: Config, method_cls: type[Method]) -> tuple[int, int]:
+    """(pruning epochs, fine-tune epochs); ``train.budget_epochs`` covers both when set."""
+    prune_epochs = cfg.prune.epochs if method_cls.training_aware else 0
+    if cfg.train.budget_epochs is None:
+        return prune_epochs, cfg.train.epochs
+    if prune_epochs >= cfg.train.budget_epochs:
+        raise ConfigError(f"train.budget_epochs = {cfg.train.budget_epochs}: must exceed prune.epochs = {prune_epochs}")
+    return prune_epochs, cfg.train.budget_epochs - prune_epochs
+
+
+def check_config(cfg: Config) -> Config:
+    """What the core schema cannot check because it knows no method: ``prune.method``,
+    ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
+    ``search.space`` may draw. Raises :class:`ConfigError` naming the key, before any work."""
+    _epochs(cfg, _method_class(cfg.prune.method, "prune.method"))
+    for name, options in cfg.prune.options.items():
+        _method_class(name, f"prune.options.{name}")
+        _check_options(name, options, f"prune.options.{name}")
+    for key, entry in cfg.search.space.items():
+        values = entry.choice if entry.choice is not None else entry.grid
+        if key == "prune.method":
+            for name in values or []:
+                _method_class(name, "search.space: prune.method")
+        elif key.startswith("prune.options."):
+            parts = key.split(".")
+            cls = _method_class(parts[2], f"search.space: {key}")
+            if len(parts) > 3 and parts[3] not in cls.Options.model_fields:
+                raise ConfigError(f"search.space: {key!r}: {parts[2]} has no option {parts[3]!r}")
+            for value in values or []:
+                _check_options(parts[2], {parts[3]: value} if len(parts) > 3 else value, key)
+    return cfg
+
+
+# --- logging --------------------------------------------------------------------------------------
+def _print_report(info: DistInfo) -> Reporter:
+    def report(metrics: dict[str, Any]) -> None:
+        if info.is_main:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            print(f"[prunepipe] {json.dumps(shown)}", flush=True)
+
+    return report
+
+
+class _TrialLog:
+    """MLflow logging of one trial, on rank 0 only (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
+        self.active = info.is_main and cfg.registry.enabled
+        self.run_id: str | None = None
+        if not self.active:
+            return
+        from pipeline import registry  # MLflow: only where it is used
+
+        self._registry = registry
+        registry.connect(cfg.registry)
+        run = registry.mlflow.start_run(run_name=run_name, tags={"prunepipe.method": cfg.prune.method})
+        self.run_id = run.info.run_id
+        registry.log_params(flatten(config_to_dict(cfg)))
+
+    def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.active:
+            self._registry.log_metrics(metrics, step=step)
+
+    def artifact(self, path: Path, folder: str) -> None:
+        if self.active:
+            self._registry.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def finish(self, model_dir: Path, plot: Path | None) -> None:
+        if not self.active:
+            return
+        self._registry.mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        if plot is not None:
+            self.artifact(plot, "plots")
+        self._registry.mlflow.end_run()
+
+
+def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:
+    """Gather the bad samples every rank skipped since the last call; rank 0 prints the first
+    few, appends all of them to ``out/bad_samples.tsv`` and logs that file to MLflow."""
+    errors = getattr(loader, "errors", None)
+    mine = errors.take() if errors is not None else []
+    records = [r for rank_records in gather_to_main(mine, info) for r in rank_records]
+    if not records or not info.is_main:
+        return len(records)
+    for r in records[:shown]:
+        print(f"[prunepipe] skipped bad sample: {r.line()}", flush=True)
+    if len(records) > shown:
+        print(f"[prunepipe] ... and {len(records) - shown} more bad samples, listed in {out / 'bad_samples.tsv'}",
+              flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bad_samples.tsv", "a") as f:
+        for r in records:
+            f.write(f"{r.shard}\t{r.key}\t{r.reason}\n")
+    if log is not None:
+        log.artifact(out / "bad_samples.tsv", "data")
+    return len(records)
+
+
+# --- the trial and where it starts ----------------------------------------------------------------
+@dataclass
+class Trial:
+    """What the phases of one trial share."""
+
+    cfg: Config
+    info: DistInfo
+    report: Reporter
+    log: _TrialLog
+    train_loader: Loader
+    val_loader: Loader
+    model: nn.Module
+    dense: nn.Module
+    groups: list[ChannelGroup]
+    method: Method
+    prune_epochs: int
+    ft_epochs: int
+    t_start: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.time)
+    summary: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] | None = None  # None when resumed after the cut
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def evaluate(self, net: nn.Module | None = None) -> dict[str, float]:
+        metrics = evaluate(net if net is not None else self.model, self.val_loader, self.info,
+                           amp_dtype(self.cfg.train.amp, self.info.device))
+        report_bad_samples(self.val_loader, self.info, self.out, self.log)
+        return metrics
+
+    def train(self, epochs: range, total: int, on_epoch, optimizer_state, desc: str, method: Method | None) -> None:
+        """Train ``self.model`` over ``epochs`` on the configured backend; bad samples reported per epoch."""
+
+        def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
+            report_bad_samples(self.train_loader, self.info, self.out, self.log)
+            on_epoch(epoch, backend, stats)
+
+        self.model = train_phase(self.model, epochs, total, self.cfg.train, self.info, self.train_loader,
+                                 self.cfg.data.batch_size, after_epoch, method=method,
+                                 optimizer_state=optimizer_state, desc=desc)
+
+
+@dataclass
+class Resume:
+    """Where a trial starts, read from its checkpoint: afresh, after ``epoch`` pruning epochs
+    (phase "prune"), or after ``epoch`` fine-tune epochs of the cut model (phase "finetune")."""
+
+    phase: str | None = None
+    epoch: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> Resume:
+        state = load_checkpoint(path)
+        if state is None:
+            return cls()
+        return cls(phase=state["phase"], epoch=int(state["epoch"]), state=state)
+
+    def first_epoch(self, phase: str) -> int:
+        return self.epoch if self.phase == phase else 0
+
+    def optimizer_state(self, phase: str) -> dict[str, Any] | None:
+        return self.state.get("optimizer") if self.phase == phase else None
+
+    def restore_pruning(self, model: nn.Module, method: Method) -> bool:
+        """Mid-pruning: the prepared model's weights and the method's state; False if not resuming it."""
+        if self.phase != "prune":
+            return False
+        model.load_state_dict(self.state["model"])
+        method.load_state(self.state["method"])
+        return True
+
+    def restore_cut(self, trial: Trial) -> None:
+        """After the cut: rebuild the pruned architecture from its spec, with its weights and summary."""
+        trial.model = build_from_spec(json.loads(self.state["spec"])).to(trial.info.device)
+        trial.model.load_state_dict(self.state["model"])
+        trial.summary = json.loads(self.state["summary"])
+
+
+# --- the phases ---------------------------------------------------------------------------------
+def setup(cfg: Config, report: Reporter | None, run_name: str | None) -> Trial:
+    """Process group, loaders, model, channel groups, the method, the MLflow run."""
+    t_start, started_at = time.perf_counter(), time.time()
+    check_config(cfg)
+    info = init_distributed()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    size = cfg.data.image_size
+    train_loader = build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed)
+    val_loader = build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed)
+    model = build_model(cfg.model.arch, train_loader.num_classes, cfg.model.weights)
+    dense = copy.deepcopy(model).eval()
+    groups = find_groups(model, size, cfg.prune.scope)
+    method = build_method(cfg, groups)
+    prune_epochs, ft_epochs = _epochs(cfg, type(method))
+    log = _TrialLog(cfg, info, run_name or cfg.name)
+    return Trial(cfg, info, report or _print_report(info), log, train_loader, val_loader, model.to(info.device), dense,
+                 groups, method, prune_epochs, ft_epochs, t_start=t_start, started_at=started_at)
+
+
+def build_method(cfg: Config, groups: list[ChannelGroup]) -> Method:
+    """The configured method; it validates its own options (one-line ConfigError if they are bad)."""
+    name = cfg.prune.method
+    cls = _method_class(name, "prune.method")
+    try:
+        return cls(groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options.get(name), seed=cfg.seed,
+                   image_size=cfg.data.image_size)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
+
+
+def prune(trial: Trial, resume: Resume) -> None:
+    """The pruning phase of a training-aware method (nothing to train for a one-shot one)."""
+    method, model = trial.method, trial.model
+    method.prepare(model)  # gates, attention layers, rescaling: before the backend and before resuming
+    if not resume.restore_pruning(model, method) and trial.prune_epochs:
+        method.on_train_start(model, steps_per_epoch=optimizer_steps(len(trial.train_loader), trial.cfg.train.grad_accum),
+                              epochs=trial.prune_epochs)
+    first = resume.first_epoch("prune")
+    if not trial.prune_epochs or first >= trial.prune_epochs:
+        return
+
+    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
+        metrics = {"epoch": epoch + 1, "phase": "prune", **stats, **trial.evaluate(backend.module)}
+        trial.log.metrics(metrics, step=epoch + 1)
+        trial.report(metrics)
+        save_checkpoint(trial.checkpoint_path, {"phase": "prune", "epoch": epoch + 1,
+                                                "model": backend.module.state_dict(),
+                                                "optimizer": backend.state_dict(), "method": method.state()},
+                        trial.info)
+
+    trial.train(range(first, trial.prune_epochs), trial.prune_epochs, after_epoch, resume.optimizer_state("prune"),
+                "prune", method)
+
+
+def cut(trial: Trial) -> None:
+    """Keep-masks (agreed on every rank) → plain architecture → physical removal → fresh BN statistics."""
+    cfg, info, method, model = trial.cfg, trial.info, trial.method, trial.model
+    ctx = SelectContext(info=info, image_size=cfg.data.image_size)
+    if method.calibration_samples():
+        ctx.calib = calibration_set(cfg.data, method.calibration_samples(), info.rank, info.world, info.device)
+    masks = method.keep_masks(model, ctx)
+    assert_same_on_all_ranks(masks, info)
+    method.finalize(model, masks)  # back to the plain architecture, constants folded
+    trial.summary.update({f"method_{k}": v for k, v in method.summary().items() if isinstance(v, int | float)})
+    apply_masks(model, trial.groups, masks)
+    prune_model(model, trial.groups, masks, cfg.data.image_size)
+    trial.masks = masks
+    trial.summary.update({f"pruned_{k}": v for k, v in trial.evaluate().items()})  # before any fine-tune
+    if cfg.train.bn_recalib_batches:
+        # the surviving channels see other inputs now: fresh BN statistics, no gradient step
+        recalibrate_bn(model, trial.train_loader, info, max_batches=cfg.train.bn_recalib_batches)
+        trial.summary.update({f"recal_{k}": v for k, v in trial.evaluate().items()})
+
+
+def measure(trial: Trial) -> None:
+    """Rank 0 times dense and pruned side by side while the other ranks wait; report the cut."""
+    cfg, info = trial.cfg, trial.info
+    result = None
+    if info.is_main:
+        threads = torch.get_num_threads()
+        # Ray pins a 1-CPU worker to one thread; timing uses the configured or all cores for both
+        torch.set_num_threads(cfg.measure.threads or os.cpu_count() or 1)
+        try:
+            result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size,
+                             batch_size=cfg.measure.batch_size, warmup=cfg.measure.warmup, rounds=cfg.measure.rounds,
+                             max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts,
+                             fold_bn=cfg.measure.fold_bn,
+                             device=info.device, amp_dtype=amp_dtype(cfg.train.amp, info.device),
+                             channels_last=use_channels_last(cfg.train.channels_last, info.device))
+        finally:
+            torch.set_num_threads(threads)
+    barrier(info)
+    trial.summary.update(broadcast_object(result, info))
+    trial.report({"epoch": trial.prune_epochs, "phase": "cut", **trial.summary})
+
+
+def finetune(trial: Trial, resume: Resume) -> None:
+    """Fine-tune the cut model, a checkpoint per epoch; the last epoch is reported by :func:`save`."""
+    spec = make_spec(trial.model, trial.cfg.model.arch, trial.train_loader.num_classes,
+                     image_size=trial.cfg.data.image_size)
+    first = resume.first_epoch("finetune")
+    if first >= trial.ft_epochs:
+        return
+
+    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
+        metrics = {"epoch": trial.prune_epochs + epoch + 1, "phase": "finetune", **stats,
+                   **trial.evaluate(backend.module), **trial.summary}
+        trial.log.metrics({k: v for k, v in metrics.items() if not k.startswith(("dense_", "pruned_"))},
+                          step=metrics["epoch"])
+        trial.last_metrics.update(metrics)
+        if epoch + 1 < trial.ft_epochs:
+            # the last epoch is reported after the model is saved: a scheduler that stops the
+            # trial on that report must not lose the model
+            trial.report(metrics)
+        save_checkpoint(trial.checkpoint_path, {"phase": "finetune", "epoch": epoch + 1,
+                                                "model": backend.module.state_dict(),
+                                                "optimizer": backend.state_dict(), "spec": json.dumps(spec),
+                                                "summary": json.dumps(trial.summary)},
+                        trial.info)
+
+    trial.train(range(first, trial.ft_epochs), trial.ft_epochs, after_epoch, resume.optimizer_state("finetune"),
+                "finetune", None)
+
+
+def save(trial: Trial) -> dict[str, Any]:
+    """Rank 0 saves spec + safetensors, the width plot and the MLflow run; every rank returns the metrics."""
+    cfg, info, model = trial.cfg, trial.info, trial.model
+    total_epochs = trial.prune_epochs + trial.ft_epochs
+    final = {**trial.summary, **trial.last_metrics, **trial.evaluate(), "epochs": total_epochs,
+             "wall_s": time.perf_counter() - trial.t_start, "started_at": trial.started_at}
+    final["method"], final["prune_ratio"] = cfg.prune.method, cfg.prune.prune_ratio
+    model_dir = trial.out / "model"
+    if info.is_main:
+        spec = make_spec(model, cfg.model.arch, trial.train_loader.num_classes, image_size=cfg.data.image_size)
+        spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)},
+                    method_summary=trial.method.summary())
+        save_pruned(model, model_dir, spec)
+        plot = None
+        if trial.masks is not None:
+            dense_w = {g.name: g.size for g in trial.groups}
+            kept_w = {g.name: int(trial.masks[g.name].sum()) for g in trial.groups}
+            plot = width_plot(dense_w, kept_w, f"{cfg.model.arch} · {cfg.prune.method} · ratio {cfg.prune.prune_ratio:.2f}",
+                              trial.out / "widths.png")
+        trial.log.metrics({k: v for k, v in final.items() if not k.startswith("dense_") or k == "dense_val_top1"})
+        trial.log.finish(model_dir, plot)
+    final["model_dir"] = str(model_dir)
+    final["run_id"] = broadcast_object(trial.log.run_id, info)
+    barrier(info)
+    final.update(epoch=total_epochs, phase="final", final=1, ended_at=time.time())
+    trial.report(final)
+    return final
+
+
+def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None = None) -> dict[str, Any]:
+    """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank)."""
+    trial = setup(cfg, report, run_name)
+    resume = Resume.read(trial.checkpoint_path)
+    if resume.phase == "finetune":
+        resume.restore_cut(trial)
+    else:
+        trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
+        prune(trial, resume)
+        cut(trial)
+        measure(trial)
+    finetune(trial, resume)
+    return save(trial)
+
+
+# --- the dense baseline ---------------------------------------------------------------------------
+def baseline_path(cfg: Config) -> Path:
+    """Where the dense baseline of this model/data/budget lives; the key makes reruns reuse it."""
+    import hashlib
+
+    key = json.dumps([cfg.model.arch, cfg.model.weights, str(Path(cfg.data.root).resolve()), cfg.data.image_size,
+                      cfg.data.augment, cfg.baseline.epochs, cfg.baseline.lr, cfg.baseline.warmup_epochs, cfg.seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cfg.output_dir) / "baseline" / f"{cfg.model.arch}-{digest}.safetensors"
+
+
+def run_pretrain(cfg: Config, report: Reporter | None = None) -> Path:
+    """Train the dense model for ``baseline.epochs`` so every trial starts from the same weights."""
+    from safetensors.torch import save_file
+
+    info = init_distributed()
+    report = report or _print_report(info)
+    torch.manual_seed(cfg.seed)
+    train_loader = build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed)
+    val_loader = build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed)
+    model = build_model(cfg.model.arch, train_loader.num_classes, cfg.model.weights).to(info.device)
+    train_b = cfg.train.model_copy(update={"lr": cfg.baseline.lr, "warmup_epochs": cfg.baseline.warmup_epochs})
+
+    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
+        report({"epoch": epoch + 1, "phase": "baseline", **stats,
+                **evaluate(backend.module, val_loader, info, amp_dtype(cfg.train.amp, info.device))})
+
+    model = train_phase(model, range(cfg.baseline.epochs), cfg.baseline.epochs, train_b, info, train_loader,
+                        cfg.data.batch_size, after_epoch, desc="baseline")
+    path = baseline_path(cfg)
+    if info.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    barrier(info)
+    return path
