@@ -249,36 +249,13 @@ class LossVariation(Method):
             tried.append((delta, red, pruned))
             return red
 
-        # start where the answer probably is: the median loss rise of the groups at the uniform
-        # rate that gives the target (one probe each, reused by the searches as a known point)
-        rises = []
-        for g in sorted(self.groups, key=lambda g: self._staged.start_of(g.producers + g.norms)):
-            step = self._step(g)
-            k = (g.size - self.n_keep(g)) // step * step
-            if k > 0:
-                rises.append(self._loss_masked(model, ctx, g, orders[g.name], k) - base)
-        rises.sort()
-        first = max(rises[len(rises) // 2], 1e-6) if rises else 1e-3
-        # bracket: from there, halve (or double) δ until the target lies between lo and hi
-        red = attempt(first)
-        lo, hi, d = (0.0, first, first) if red >= target - tol else (first, first, first)
+        # bracket: grow δ until the target is reached (or the loss has nothing more to give)
+        lo, hi = 0.0, 1e-3
         for _ in range(self.options.max_iters):
-            if abs(red - target) <= tol:
+            red = attempt(hi)
+            if red >= target - tol:
                 break
-            if red >= target:  # too much pruned: look lower
-                d /= 2
-                red = attempt(d)
-                if red < target:
-                    lo = d
-                    break
-                hi = d
-            else:  # too little: look higher
-                d *= 2
-                red = attempt(d)
-                hi = d
-                if red >= target:
-                    break
-                lo = d
+            lo, hi = hi, hi * 4
         # bisection in log δ
         for _ in range(self.options.max_iters):
             best = min(tried, key=lambda t: abs(t[1] - target))

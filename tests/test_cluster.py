@@ -304,11 +304,6 @@ def check_prunepipe_command(argv: list[str]) -> tuple[Path, list[str]]:
 
 
 def validate_overrides(config: Path, overrides: list[str]) -> None:
-    from pipeline.config import TrainConfig
-
-    # train.backend comes with the DeepSpeed backend (a parallel change); validated once it exists
-    if "backend" not in TrainConfig.model_fields:
-        overrides = [o for o in overrides if not o.startswith("train.backend=")]
     load_config(config, overrides)  # raises ConfigError naming a bad key or value
 
 

@@ -182,7 +182,7 @@ def test_pixels_match_pytorch_loader(tmp_path):
     for augment in ("imagenet", "none"):
         c = cfg(tmp_path, image_size=64, augment=augment)
         d = torch.cat([x for x, _ in build_dali_loader(c, "val", 0, 1, CPU)])
-        p = torch.cat([x for x, _ in build_loader(c.model_copy(update={"backend": "webdataset"}), "val", 0, 1, CPU)])
+        p = torch.cat([x for x, _ in build_loader(c.model_copy(update={"backend": "webdataset", "num_workers": 0}), "val", 0, 1, CPU)])
         levels = (d - p).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255  # back to 0..255 pixel levels
         assert d.shape == p.shape == (12, 3, 64, 64)
         assert levels.max() <= 4.0 and levels.mean() <= 0.5, (augment, levels.max(), levels.mean())
@@ -406,6 +406,6 @@ def test_exif_orientation_is_ignored_as_pil_and_torchvision_ignore_it(tmp_path):
     for augment in ("imagenet", "none"):
         c = cfg(tmp_path, image_size=32, augment=augment)
         d = torch.cat([x for x, _ in build_dali_loader(c, "val", 0, 1, CPU)])
-        p = torch.cat([x for x, _ in build_loader(c.model_copy(update={"backend": "webdataset"}), "val", 0, 1, CPU)])
+        p = torch.cat([x for x, _ in build_loader(c.model_copy(update={"backend": "webdataset", "num_workers": 0}), "val", 0, 1, CPU)])
         levels = (d - p).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255
         assert levels.mean() <= 0.5, (augment, levels.mean())

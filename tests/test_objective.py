@@ -80,7 +80,9 @@ def test_decide_registers_the_winner_with_its_remeasured_speed(tmp_path):
                         "data": {"image_size": 32},
                         "search": {"objective": {"maximize": "val_top1", "min_speedup": 1.2, "finalists": 2}},
                         "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "model_name": "objective"}})
-    mlflow.set_tracking_uri(cfg.registry.tracking_uri)
+    from pipeline import registry
+
+    registry.connect(cfg.registry)  # its own store and experiment, whatever ran before
     rows = []
     for name, ratio, top1, claimed in (("a", 0.1, 0.95, 9.9), ("b", 0.6, 0.94, 1.0), ("c", 0.7, 0.80, 9.9)):
         model = _pruned(ratio)
