@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(table)
     if any(not r.reliable for r in rows):
         print("(noisy): the per-round speed-ups spread by more than 10 % (IQR), or other processes used more than "
-              "10 % of the CPUs while timing: re-run alone")
+              "15 % of the CPUs while timing: re-run alone")
     if args.out:
         Path(args.out).write_text(table + "\n")
     plot = plot_speedups(rows, args.plot) if args.plot else None

@@ -116,7 +116,8 @@ def remeasure(rows: list[dict[str, Any]], cfg: Config, timer=None) -> None:
             m = compare(dense, copy.deepcopy(model), int(spec.get("image_size", cfg.data.image_size)),
                         batch_size=cfg.measure.batch_size, rounds=cfg.measure.rounds, warmup=cfg.measure.warmup,
                         max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts, device=device,
-                        amp_dtype=amp, channels_last=device.type == "cuda", fold_bn=cfg.measure.fold_bn, timer=timer)
+                        amp_dtype=amp, channels_last=device.type == "cuda", fold_bn=cfg.measure.fold_bn, timer=timer,
+                        max_foreign_cpu=cfg.measure.max_foreign_cpu)
             r["trial_speedup"] = r.get("speedup")
             r.update({k: m[k] for k in SPEED_KEYS})
             r["remeasured"] = True

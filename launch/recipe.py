@@ -348,7 +348,7 @@ def measure(trial: Trial) -> None:
             result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size,
                              batch_size=cfg.measure.batch_size, warmup=cfg.measure.warmup, rounds=cfg.measure.rounds,
                              max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts,
-                             fold_bn=cfg.measure.fold_bn,
+                             fold_bn=cfg.measure.fold_bn, max_foreign_cpu=cfg.measure.max_foreign_cpu,
                              device=info.device, amp_dtype=amp_dtype(cfg.train.amp, info.device),
                              channels_last=use_channels_last(cfg.train.channels_last, info.device))
         finally:

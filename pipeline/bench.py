@@ -95,7 +95,7 @@ def run_bench(
 
 
 def _rows(models, times, batch, precision, cl, comp, max_spread, foreign: float = 0.0,
-          max_foreign: float = 0.10) -> list[BenchRow]:
+          max_foreign: float = 0.15) -> list[BenchRow]:
     out = []
     dense_t = times[0]
     for m, t in zip(models, times, strict=True):

@@ -139,6 +139,9 @@ class MeasureConfig(_Strict):
     rounds: int = Field(12, ge=2, le=10_000)
     max_spread: float = Field(0.10, gt=0.0, le=10.0)
     attempts: int = Field(2, ge=1, le=10)
+    # CPU timing only: other processes using more than this share of all cores while we time make
+    # the result unreliable, however tight (a steady hog slows both models alike: a wrong 1.0x)
+    max_foreign_cpu: float = Field(0.15, gt=0.0, le=1.0)
     # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
     fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
