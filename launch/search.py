@@ -19,6 +19,13 @@ from pipeline.config import Config, SearchSpaceEntry, build_config, config_to_di
 
 # On small CPU machines the worker group can take longer than Ray's default to start.
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+if not os.environ.get("RAY_ADDRESS"):
+    # A local Ray stays on loopback: by default Ray on Linux advertises the machine's network
+    # address even for a single node, and gloo picks the host name's interface; neither is
+    # needed when every worker is on this machine (a cluster is joined through RAY_ADDRESS).
+    # Set before anything imports ray: it reads this once, at import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def init_ray(cfg: Config) -> None:
@@ -34,11 +41,6 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
         return
-    # A local Ray stays on loopback: by default Ray on Linux advertises the machine's network
-    # address even for a single node, and gloo picks the host name's interface. Neither is
-    # needed when every worker is on this machine (a cluster is joined through RAY_ADDRESS).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
     # fit, and the last trial's placement group is released a little after it ends; with an
     # exact fit the next trial's worker group waits for it until it times out.
