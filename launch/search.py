@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,13 @@ def run_search(cfg: Config) -> dict[str, Any]:
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"), verbose=1),
     )
     grid = tuner.fit()
+    if not os.environ.get("RAY_ADDRESS"):
+        # the finalists are re-measured "alone": a local Ray's daemons and the last trial's
+        # workers winding down would share the cores (seen: every re-measurement flagged noisy)
+        import ray
+
+        ray.shutdown()
+        time.sleep(2)
     rows = []
     for result in grid:
         m = result.metrics or {}
