@@ -17,6 +17,9 @@ def test_two_trial_search_registers_the_best(tmp_path, digits_root):
         f"data.root={digits_root}", "data.image_size=16", "data.batch_size=64", f"output_dir={tmp_path / 'out'}",
         "train.epochs=1", "prune.epochs=1", "measure.rounds=4", "search.grace_period=1",
         "search.space={prune.method: {grid: [l1, sfp]}, prune.prune_ratio: {choice: [0.5]}}",
+        # the winner by top-1 alone: the speed objective has its own tests (test_objective.py),
+        # and a speed-up of a 16 px model timed on a shared CI machine may rightly be "noisy"
+        "search.objective.min_speedup=null",
         f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=searched",
     ]))
     try:
