@@ -131,10 +131,7 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], best: d
     done = [r for r in rows if r.get("status") == "done" and r.get("speedup") is not None]
     if not done:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.plots import plt, save_figure  # plots selects the headless backend first
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in done:
@@ -155,9 +152,4 @@ def plot_pareto(rows: list[dict[str, Any]], front: list[dict[str, Any]], best: d
     ax.set_ylabel("top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -129,10 +129,7 @@ def format_rows(rows: list[BenchRow]) -> str:
 def plot_speedups(rows: list[BenchRow], path: str | Path) -> Path:
     """Measured speed-up against MACs reduction, one point per model and setting, with the
     MACs-ratio line (what a speed-up 'should' be) for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.plots import plt, save_figure  # plots selects the headless backend first
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     xs = [r.macs_reduction for r in rows]
@@ -153,9 +150,4 @@ def plot_speedups(rows: list[BenchRow], path: str | Path) -> Path:
     ax.set_ylabel("measured speed-up over dense (median, IQR)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

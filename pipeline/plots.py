@@ -10,6 +10,16 @@ matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def width_plot(dense: dict[str, int], kept: dict[str, int], title: str, path: str | Path) -> Path:
     """Per channel group: dense width (grey) and kept width (blue)."""
     names = list(dense)
@@ -22,7 +32,4 @@ def width_plot(dense: dict[str, int], kept: dict[str, int], title: str, path: st
     ax.set_ylabel("channels")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
