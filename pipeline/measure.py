@@ -199,6 +199,7 @@ def interleaved_speedup(
     channels_last: bool = False,
     timer: Timer | None = None,
     max_foreign_cpu: float = 0.15,
+    check_contention: bool | None = None,
 ) -> SpeedUp:
     """Time dense and pruned in many short interleaved rounds (ABBA: the order flips every
     round, so a trend in the machine's speed cancels) and take the speed-up per round.
@@ -210,9 +211,13 @@ def interleaved_speedup(
     ``attempts`` times; if it stays noisy it is returned with ``reliable=False`` — never as a
     plain number. On a CPU, a measurement during which other processes used more than
     ``max_foreign_cpu`` of the machine is unreliable however tight it looks (see
-    :class:`ForeignCPU`). ``timer`` is injectable so decisions built on this can be tested.
+    :class:`ForeignCPU`). ``timer`` is injectable so decisions built on this can be tested; the
+    contention check then applies only when ``check_contention`` asks for it (an injected clock
+    does not run on the machine's cores).
     """
     device = torch.device(device)
+    if check_contention is None:
+        check_contention = timer is None and device.type == "cpu"
     timer = timer or make_timer(device, amp_dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = [m.eval().to(device, memory_format=fmt) for m in (dense, pruned)]
@@ -224,7 +229,7 @@ def interleaved_speedup(
     for attempt in range(1, attempts + 1):
         probe = ForeignCPU()
         dense_t, pruned_t = interleaved_times(models, x, n, per_round, timer)
-        foreign = probe.fraction() if device.type == "cpu" else 0.0
+        foreign = probe.fraction() if check_contention else 0.0
         ratios = [d / p for d, p in zip(dense_t, pruned_t, strict=True)]
         low, mid, high = _quartiles(ratios)
         result = SpeedUp(mid, low, high, batch_size / statistics.median(dense_t), batch_size / statistics.median(pruned_t),

@@ -92,7 +92,7 @@ def test_a_steady_hog_on_the_cores_is_flagged_even_when_the_ratio_looks_tight():
     try:
         time.sleep(0.5)
         s = interleaved_speedup(dense, pruned, 8, batch_size=2, rounds=8, per_round=1, warmup=0, attempts=1,
-                                timer=sleepy)
+                                timer=sleepy, check_contention=True)
     finally:
         for h in hogs:
             h.kill()
