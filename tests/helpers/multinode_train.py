@@ -6,9 +6,8 @@ Usage: ``torchrun ... tests/helpers/multinode_train.py OUT_DIR DATA_ROOT STEPS``
 of its trained parameters and of its whole state); rank 0 also writes ``weights.npy`` (every
 parameter and buffer, flattened) so that a test can compare two launches of the same global batch.
 
-Parameters are equal on every rank after a DDP step; BatchNorm's running statistics are not
-after the last step: DDP broadcasts rank 0's buffers at the start of each forward, so each
-rank's last forward leaves its own batch's statistics until the next one.
+Parameters are equal on every rank after a DDP step; BatchNorm's running statistics are made
+equal by the backend at the end of the epoch (rank 0's).
 """
 
 import hashlib
@@ -26,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.data.loaders import build_loader  # noqa: E402
 from pipeline.distributed import barrier, init_distributed  # noqa: E402
-from pipeline.engine import make_optimizer, train_epoch, unwrap, wrap_ddp  # noqa: E402
-from tests.helpers.ddp_check import _First  # noqa: E402
+from pipeline.engine import train_epoch  # noqa: E402
+from tests.helpers.ddp_check import _First, ddp_backend  # noqa: E402
 
 PER_RANK_BATCH = 16  # global batch = 16 x world size, the same for every launch shape compared
 
@@ -49,10 +48,9 @@ def main(out: str, data_root: str, steps: int) -> None:
     initial = flat_state(model)
     cfg = DataConfig(root=data_root, image_size=16, batch_size=PER_RANK_BATCH, augment="none")
     loader = _First(build_loader(cfg, "train", info.rank, info.world, info.device, seed=0), steps)
-    ddp = wrap_ddp(model, info)
-    opt = make_optimizer(ddp, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    train_epoch(ddp, loader, opt, None, info)
-    net = unwrap(ddp)
+    backend = ddp_backend(model, info)  # the engine's DDP backend, SGD lr 0.05, momentum 0.9, nesterov
+    train_epoch(backend, loader, info)
+    net = backend.module
     weights = flat_state(net)
     params = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy()
     out_dir = Path(out)
