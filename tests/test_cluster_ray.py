@@ -201,8 +201,10 @@ def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_s
     env = cluster_env(RAY_ADDRESS=services["ray"])
     proc = subprocess.run(
         [sys.executable, "-m", "launch.cli", "search", str(ROOT / "configs" / "demo.yaml"), f"data.root={tiny_synthetic}",
-         "data.image_size=16", "data.batch_size=16", f"output_dir={tmp_path / 'out'}", "baseline.epochs=0",
-         "train.budget_epochs=1", "measure.rounds=2", "measure.attempts=1", "measure.warmup=1", "train.bn_recalib_batches=2",
+         "data.image_size=16", "data.batch_size=8", f"output_dir={tmp_path / 'out'}", "baseline.epochs=0",
+         # trials long enough (3 epochs of 6 steps) that two running at once overlap in time even on
+         # a quiet machine: 1-epoch trials finished before the second one's run had started
+         "train.budget_epochs=3", "measure.rounds=2", "measure.attempts=1", "measure.warmup=1", "train.bn_recalib_batches=2",
          "search.placement_strategy=SPREAD", "search.max_concurrent=2", "search.num_workers=2",
          # the winner by top-1 alone: the speed-up constraint is not what this test is about, and
          # a speed measured on a shared 2-core machine is flagged unreliable
