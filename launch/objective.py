@@ -101,6 +101,7 @@ def finalists(rows: list[dict[str, Any]], obj: ObjectiveConfig) -> list[dict[str
 def remeasure(rows: list[dict[str, Any]], cfg: Config, timer=None) -> None:
     """Re-measure each row's speed alone, with every core (or the GPU), in place
     (``timer`` is injectable for tests)."""
+    from pipeline.engine import amp_dtype, use_channels_last
     from pipeline.measure import compare
     from pipeline.models import build_model
     from pipeline.spec import load_pruned
@@ -112,11 +113,12 @@ def remeasure(rows: list[dict[str, Any]], cfg: Config, timer=None) -> None:
         for r in rows:
             model, spec = load_pruned(r["model_dir"])
             dense = build_model(spec["arch"], int(spec["num_classes"]))  # speed does not depend on weights
-            amp = torch.bfloat16 if device.type == "cuda" else None
+            # the same precision and memory format as the trial measured with (train.amp, channels_last)
+            amp = amp_dtype(cfg.train.amp, device)
             m = compare(dense, copy.deepcopy(model), int(spec.get("image_size", cfg.data.image_size)),
                         batch_size=cfg.measure.batch_size, rounds=cfg.measure.rounds, warmup=cfg.measure.warmup,
                         max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts, device=device,
-                        amp_dtype=amp, channels_last=device.type == "cuda", fold_bn=cfg.measure.fold_bn, timer=timer,
+                        amp_dtype=amp, channels_last=use_channels_last(cfg.train.channels_last, device), fold_bn=cfg.measure.fold_bn, timer=timer,
                         max_foreign_cpu=cfg.measure.max_foreign_cpu)
             r["trial_speedup"] = r.get("speedup")
             r.update({k: m[k] for k in SPEED_KEYS})
