@@ -300,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pipeline.data.convert import DatasetError
+    from pipeline.distributed import shutdown_distributed
     from pipeline.models import WeightsError
     from pipeline.spec import SpecError
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, DatasetError, SpecError, WeightsError)
     try:
-        return args.func(args)
+        code = args.func(args)
     except Exception as err:
         # the registry's errors, without importing MLflow here: a trial with registry.enabled=false
         # must run where MLflow is not installed, and only the registry module raises them
@@ -315,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, user_errors):
             raise
         print(f"prunepipe: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
+    # Only on a clean or user-error exit: with an unexpected error a collective may still be in
+    # flight, where destroying the group can block; torchrun tears that job down anyway.
+    shutdown_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -30,13 +30,19 @@ class DistInfo:
         return self.world > 1
 
 
+_control_group: Any = None
+_owned = False  # this process created the default group (torchrun), so it must tear it down
+
+
 def init_distributed() -> DistInfo:
     """Join (or reuse) the process group: nccl on GPUs, gloo on CPU."""
+    global _owned
     cuda = torch.cuda.is_available()
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        _owned = True
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
@@ -48,7 +54,18 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
-_control_group: Any = None
+def shutdown_distributed() -> None:
+    """Destroy the process group this process created, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's worker threads are sometimes destroyed while still
+    joinable and the rank dies with SIGABRT ("terminate called without an active exception")
+    after its work is done, which torchrun reports as a failed job. A group that Ray Train or a
+    caller created is theirs to close and is left alone.
+    """
+    global _owned, _control_group
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned, _control_group = False, None
 
 
 def control_group(info: DistInfo) -> Any:

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.data.errors import BadDataError, BadSampleLog  # noqa: E402
-from pipeline.distributed import init_distributed  # noqa: E402
+from pipeline.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from pipeline.engine import train_epoch  # noqa: E402
 from tests.helpers.ddp_check import ddp_backend  # noqa: E402
 
@@ -48,6 +48,7 @@ def main(out: str, mode: str) -> None:
     except BadDataError as err:
         result["error"] = str(err)
     Path(f"{out}.{info.rank}").write_text(json.dumps(result))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
