@@ -15,6 +15,7 @@ that compares across hardware.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -107,19 +108,25 @@ class StagedForward:
             self._pos += 1
 
     @torch.no_grad()
-    def loss_from(self, start: int) -> float:
+    def loss_from(self, start: int, fraction: float = 1.0) -> float:
         """Mean calibration loss, running stages ``start..end`` on the cached activations
-        (``prepare(start)`` first); summed over ranks in float64, so every rank decides alike."""
+        (``prepare(start)`` first); summed over ranks in float64, so every rank decides alike.
+
+        ``fraction`` < 1: only the first that share of every batch (a cheaper, noisier estimate
+        for a coarse search; the same samples each time, so estimates compare with each other).
+        """
         assert self._pos == start, "prepare(start) must come first"
         self.probes += 1
         device = next(self.model.parameters()).device
         acc = torch.zeros(2, dtype=torch.float64, device=device)
         for a, (_, y) in zip(self._acts, self.calib, strict=True):
+            n = max(1, math.ceil(fraction * y.numel()))
+            a, y = a[:n], y[:n]
             for _, fn in self.stages[start:]:
                 a = fn(a)
             acc[0] += F.cross_entropy(a.float(), y, reduction="sum").double()
             acc[1] += y.numel()
-        self.work_macs += sum(self._stage_macs[start:]) * self._samples()
+        self.work_macs += sum(self._stage_macs[start:]) * float(acc[1])
         if self.info is not None and self.info.distributed:
             dist.all_reduce(acc)
         return float(acc[0] / acc[1].clamp_min(1))

@@ -122,14 +122,16 @@ def test_staged_probes_equal_full_forward_losses_and_cost_less(net):
     assert 0 < s["full_forward_equivalents"] < 0.9 * s["probes"]
 
 
-def test_one_groups_rate_is_a_true_threshold_of_its_own_curve(net):
+@pytest.mark.parametrize("options", [{"delta": 0.05}, {"target_macs_reduction": 0.4}], ids=["delta", "target"])
+def test_one_groups_rate_is_a_true_threshold_of_its_own_curve(net, options):
     """k found for a group: masking k keeps the loss rise within δ and masking one step more
     does not — checked against direct full forwards of that group alone (a cache shared between
-    groups, or a search over the wrong group, breaks it)."""
+    groups, or a search over the wrong group, breaks it). In the target mode, at the δ found:
+    the coarse pass's subset estimates only guide the search, they never decide a k."""
     model, groups, ctx = net
-    delta = 0.05
-    m = get_method_class("lossvar")(groups, 0.0, options={"delta": delta}, image_size=32)
+    m = get_method_class("lossvar")(groups, 0.0, options=options, image_size=32)
     masks = m.keep_masks(model, ctx)
+    delta = m.delta_found
     orders = m._orders(model)
     by_name = {g.name: g for g in groups}
     base = _direct_loss(model, by_name, groups[0].name, orders[groups[0].name], 0, ctx)
