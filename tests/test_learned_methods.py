@@ -1,4 +1,4 @@
-"""The properties METHODS.md asks of AutoPruner (§2), ABP (§4) and ISTA (§5)."""
+"""The properties METHODS.md asks of ABP (§4) and ISTA (§5); AutoPruner (§2): tests/test_autopruner.py."""
 
 import copy
 
@@ -8,84 +8,8 @@ import torchvision
 
 from methods import gates, get_method_class
 from methods.abp import BinaryAttention
-from methods.autopruner import AutoPrunerGate
 from pipeline.surgery import apply_masks, find_groups, prune_model
 from tests.lifecycle import calib, randomise_bn
-
-
-def _train(method, model, steps, size=16, lr=0.05, task=True):
-    method.on_train_start(model, steps_per_epoch=steps, epochs=1)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    for l_, (x, y) in zip(range(steps), iter(lambda: calib(16, size, seed=torch.randint(0, 10**6, ()).item())[0], None),
-                          strict=False):
-        model.train()
-        loss = method.loss_term(model) if not task else torch.nn.functional.cross_entropy(model(x), y)
-        if task:
-            extra = method.loss_term(model)
-            loss = loss + extra if extra is not None else loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(model, opt)
-        del l_
-
-
-def _binary_fraction(model, groups):
-    vs = torch.cat([gate.v.detach() for _, gate in gates.layers(model, groups)])
-    return float(((vs < 0.2) | (vs > 0.8)).float().mean()), float(vs.mean())
-
-
-# --- AutoPruner ------------------------------------------------------------------------------
-def test_autopruner_gates_become_binary_and_hit_the_budget():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5)
-    groups = find_groups(model, 16, "inner")
-    ap = get_method_class("autopruner")(groups, 0.4, image_size=16, options={"exact_budget": False})
-    ap.prepare(model)
-    assert all(isinstance(g, AutoPrunerGate) for _, g in gates.layers(model, groups))
-    model.train()
-    model(calib(16, 16)[0][0])
-    start_binary, _ = _binary_fraction(model, groups)
-    _train(ap, model, steps=60)
-    end_binary, mean_v = _binary_fraction(model, groups)
-    assert start_binary < 0.5 < 0.9 <= end_binary  # α ↑ ⇒ v binary
-    assert mean_v == pytest.approx(0.6, abs=0.1)  # kept fraction → 1 − prune_ratio
-    kept = [float(m.float().mean()) for m in ap.keep_masks(model).values()]
-    assert sum(kept) / len(kept) == pytest.approx(0.6, abs=0.12)
-
-
-def test_autopruner_gate_removal_and_surgery_preserve_the_gated_logits():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=5)
-    groups = find_groups(model, 32, "inner")
-    ap = get_method_class("autopruner")(groups, 0.5, image_size=32)
-    ap.prepare(model)
-    _train(ap, model, steps=4, size=32)
-    masks = ap.keep_masks(model)
-    for g, gate in gates.layers(model, groups):  # the gated model with its final binary code
-        gate.hard = masks[g.name].float()
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        gated = model(x)
-    ap.finalize(model, masks)
-    apply_masks(model, groups, masks)
-    pruned = prune_model(copy.deepcopy(model), groups, masks, 32)
-    with torch.no_grad():
-        assert ((pruned(x) - gated).abs().max() / gated.abs().max()) < 1e-5
-
-
-def test_autopruner_stagewise_freezes_finished_stages():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5)
-    groups = find_groups(model, 16, "inner")
-    ap = get_method_class("autopruner")(groups, 0.5, image_size=16, options={"stagewise": True})
-    ap.prepare(model)
-    _train(ap, model, steps=8)
-    frozen = [g.name for g, gate in gates.layers(model, groups) if gate.hard.numel()]
-    active = [g.name for g, gate in gates.layers(model, groups) if gate.active and not gate.hard.numel()]
-    assert frozen and all(n.startswith(("layer1", "layer2", "layer3")) for n in frozen)
-    assert active and all(n.startswith("layer4") for n in active)
 
 
 # --- ABP -----------------------------------------------------------------------------------

@@ -25,7 +25,17 @@ def wrap_ddp(model: nn.Module, info: DistInfo, channels_last: bool = False) -> n
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     # syncing buffers keeps BN running statistics identical on every rank (rank 0's)
-    return DDP(model, device_ids=ids, forward_sync_buffers=True)
+    return DDP(model, device_ids=ids, forward_sync_buffers=True,
+               find_unused_parameters=leaves_parameters_unused(model))
+
+
+def leaves_parameters_unused(model: nn.Module) -> bool:
+    """True if a submodule declares ``leaves_parameters_unused = True``: some steps give its
+    parameters no gradient (a pruning method's gates of a stage not being trained). DDP must
+    then search the graph for unused parameters after each forward, or its reducer waits for
+    their gradients forever ("Expected to have finished reduction..."); the search costs a graph
+    walk per step, so only models that declare it pay for it."""
+    return any(getattr(m, "leaves_parameters_unused", False) for m in model.modules())
 
 
 def unwrap(model: nn.Module) -> nn.Module:
