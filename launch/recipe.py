@@ -219,7 +219,8 @@ class Trial:
             report_bad_samples(self.train_loader, self.info, self.out, self.log)
             on_epoch(epoch, backend, stats)
 
-        self.model = train_phase(self.model, epochs, total, self.cfg.train, self.info, self.train_loader,
+        # the pruning phase may run its own optimizer settings (train.prune_phase)
+        self.model = train_phase(self.model, epochs, total, self.cfg.train.for_phase(desc), self.info, self.train_loader,
                                  self.cfg.data.batch_size, after_epoch, method=method,
                                  optimizer_state=optimizer_state, desc=desc)
 
@@ -321,7 +322,11 @@ def cut(trial: Trial) -> None:
     cfg, info, method, model = trial.cfg, trial.info, trial.method, trial.model
     ctx = SelectContext(info=info, image_size=cfg.data.image_size)
     if method.calibration_samples():
-        ctx.calib = calibration_set(cfg.data, method.calibration_samples(), info.rank, info.world, info.device)
+        ctx.calib = calibration_set(cfg.data, method.calibration_samples(), info.rank, info.world, info.device,
+                                    seed=cfg.seed)
+    if trial.prune_epochs:
+        # the model as the pruning phase left it (SFP: soft-masked, the accuracy its paper reports)
+        trial.summary.update({f"masked_{k}": v for k, v in trial.evaluate().items()})
     masks = method.keep_masks(model, ctx)
     assert_same_on_all_ranks(masks, info)
     method.finalize(model, masks)  # back to the plain architecture, constants folded

@@ -6,10 +6,25 @@ optimizer step, a proximal (ISTA) step on each penalised γ:
 
     γ ← sign(γ) · max(|γ| − lr · ρ · λ_l, 0)
 
-with λ_l the layer's cost weight: the MACs one channel of the group costs (its producing
-conv's output filter plus the consuming conv's input slice), normalised to mean 1, so
-expensive layers are sparsified harder (the authors weigh by a memory/compute cost).
-The pruning phase uses plain SGD without momentum, as the authors do (``momentum`` option).
+with ``lr`` the learning rate *of that step* (the engine steps the LR schedule after this
+hook, as the authors' optimizer shrinks with the same ``learning_rate`` tensor it steps with).
+
+λ_l, the layer's cost weight, follows the authors' code (bobye/batchnorm_prune,
+``Transformer.conv2d_layer``, "memory" priority): for one channel of the group,
+
+    λ_l = (k_l² · c_in,l  +  Σ_next k_next² · c_out,next  +  H_l · W_l) / (image H · W)
+
+— the producing conv's parameters per output filter, the consuming convs' parameters per input
+channel (the paper's "next conv's parameters"; no spatial factor on either), and the memory of
+the channel's own feature map. It is not normalised: the authors' ρ values apply as they are.
+``cost_weighted: false`` sets λ_l = 1. (An earlier version weighed by per-channel MACs, which
+multiplies by H·W and so reverses the order across stages: early stages were hit hardest.)
+
+ρ has two stages, as in the authors' CIFAR recipe (README of ``src/python/cifar10``): a
+warm-up at ``rho_warmup`` (0.001) for ``warmup_fraction`` of the pruning phase's steps (30k of
+their 80k), then ``rho`` (0.005) until the end. The step count is checkpointed (resume keeps
+the stage). The pruning phase uses plain SGD without momentum, as the authors do
+(``momentum`` option); the fine-tune after the cut is the authors' ρ = 0 stage.
 
 α rescaling (``alpha`` ≠ 1): before training γ and β of each penalised BN are multiplied by α
 and the consuming conv's input weights by 1/α. ReLU is positively homogeneous, so the network
@@ -43,9 +58,11 @@ from pipeline.surgery import macs_profile, structured_topk
 
 class IstaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rho: float = Field(0.001, ge=0)  # ρ: sparsity strength
+    rho: float = Field(0.005, ge=0)  # ρ of the main stage (authors' CIFAR recipe: 0.005)
+    rho_warmup: float = Field(0.001, ge=0)  # ρ of the warm-up stage (authors: 0.001)
+    warmup_fraction: float = Field(0.375, ge=0, le=1)  # of the pruning phase's steps (authors: 30k of 80k)
     alpha: float = Field(1.0, gt=0)  # rescaling trick; 1 = off
-    cost_weighted: bool = True  # λ_l from per-channel MACs; False: λ_l = 1
+    cost_weighted: bool = True  # λ_l: the authors' per-channel memory cost; False: λ_l = 1
     momentum: float = Field(0.0, ge=0, lt=1)  # authors: plain SGD during the ISTA phase
     exact_budget: bool = True
 
@@ -64,6 +81,23 @@ class IstaBN(Method):
                                  "set prune.scope=inner")
         self.weights = {g.name: 1.0 for g in self.groups}
         self.rescaled = False
+        self.step = 0  # optimizer steps taken in the pruning phase
+        self.warmup_steps = 0  # set by on_train_start from the phase's length
+
+    def on_train_start(self, model: nn.Module, steps_per_epoch: int = 0, epochs: int = 0) -> None:
+        self.warmup_steps = round(self.options.warmup_fraction * steps_per_epoch * epochs)
+
+    @property
+    def rho(self) -> float:
+        """ρ of the coming step: the warm-up value for the first ``warmup_steps``, then the main one."""
+        return self.options.rho_warmup if self.step < self.warmup_steps else self.options.rho
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "warmup_steps": self.warmup_steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        self.warmup_steps = int(state.get("warmup_steps", 0))
 
     def optimizer_overrides(self) -> dict[str, Any]:
         return {"momentum": self.options.momentum, "nesterov": False}
@@ -79,25 +113,23 @@ class IstaBN(Method):
 
     def prepare(self, model: nn.Module) -> None:
         if self.options.cost_weighted:
-            profile = macs_profile(model, self.image_size)
-            cost = {}
-            for g in self.groups:
-                per_channel = sum(profile[p] for p in g.producers) / g.size
-                per_channel += sum(profile[c] / g.size for c in g.consumers)
-                cost[g.name] = per_channel
-            mean = sum(cost.values()) / len(cost)
-            self.weights = {k: v / mean for k, v in cost.items()}
+            self.weights = channel_costs(model, self.groups, self.image_size)
         if self.options.alpha != 1.0:
             self._rescale(model, self.options.alpha)
             self.rescaled = True
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        # the engine steps the schedule after this hook: this is the lr the step just used. Every
+        # group but a method's own lr-scaled ones (ISTA has none) shares it; under ZeRO the
+        # groups hold flat partitions, so γ's own group cannot be looked up by parameter.
         lr = optimizer.param_groups[0]["lr"]
+        rho = self.rho
         for g in self.groups:
             gamma = model.get_submodule(g.norms[0]).weight
-            shrink = lr * self.options.rho * self.weights[g.name]
+            shrink = lr * rho * self.weights[g.name]
             gamma.copy_(gamma.sign() * (gamma.abs() - shrink).clamp_min(0))
+        self.step += 1
 
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         masks = {}
@@ -120,6 +152,34 @@ class IstaBN(Method):
         zeros = getattr(self, "zeros", {})
         total = sum(g.size for g in self.groups)
         return {"gamma_zero_fraction": sum(zeros.values()) / total} if zeros else {}
+
+
+@torch.no_grad()
+def channel_costs(model: nn.Module, groups, image_size: int) -> dict[str, float]:
+    """The authors' per-channel memory cost λ_l of every group (see the module docstring).
+
+    Read from the traced convs: the producer's ``(c_in / groups) · k²`` per output filter, each
+    consumer's ``(c_out / groups) · k²`` per input channel (a linear's ``out_features``), and the
+    producer's output map ``H · W`` (its MACs ÷ its weights), all over the image's pixels.
+    """
+    profile = macs_profile(model, image_size)
+    pixels = float(image_size * image_size)
+    costs = {}
+    for g in groups:
+        own = next_params = 0.0
+        hw = 0.0
+        for p in g.producers:
+            conv = model.get_submodule(p)
+            own += conv.weight[0].numel()  # (c_in / groups) · k_h · k_w
+            hw = max(hw, profile[p] / conv.weight.numel())  # MACs = H·W · weights
+        for c in g.consumers:
+            mod = model.get_submodule(c)
+            if isinstance(mod, nn.Conv2d):
+                next_params += mod.out_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            else:
+                next_params += mod.out_features
+        costs[g.name] = (own + next_params + hw) / pixels
+    return costs
 
 
 @torch.no_grad()

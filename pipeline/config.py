@@ -72,6 +72,22 @@ class PruneConfig(_Strict):
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class PhaseConfig(_Strict):
+    """Optimizer and schedule settings of the pruning phase that differ from the fine-tune's
+    (``train.*``); a field left unset inherits ``train``'s. AutoPruner prunes at lr 1e-3 and
+    weight decay 5e-4, then fine-tunes at 1e-4."""
+
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    nesterov: bool | None = None
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
+    warmup_epochs: int | None = Field(None, ge=0)
+    schedule: Literal["cosine", "step"] | None = None
+    milestones: list[int] | None = None
+    gamma: float | None = Field(None, gt=0.0, le=1.0)
+    cycle_epochs: int | None = Field(None, ge=1)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(2, ge=0)  # fine-tune epochs after surgery (unless budget_epochs is set)
     # total epochs per trial, pruning-phase epochs included: fine-tune = budget − pruning epochs,
@@ -82,6 +98,14 @@ class TrainConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     warmup_epochs: int = Field(0, ge=0)
+    # cosine: half cosine over the phase; step: lr × gamma at each epoch in milestones (the
+    # papers' "×0.1 every 30 epochs"), restarting every cycle_epochs when set
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    cycle_epochs: int | None = Field(None, ge=1)
+    # the pruning phase's own optimizer/schedule settings (unset fields: the ones above)
+    prune_phase: PhaseConfig = Field(default_factory=PhaseConfig)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for GPU
@@ -106,6 +130,26 @@ class TrainConfig(_Strict):
         return name
 
     @model_validator(mode="after")
+    def _schedule(self) -> TrainConfig:
+        _check_schedule(self, "train")
+        if self.prune_phase.model_fields_set:
+            _check_schedule(self.for_phase("prune"), "train.prune_phase")
+        return self
+
+    def for_phase(self, phase: str) -> TrainConfig:
+        """The settings one training phase runs with: ``"prune"`` applies ``prune_phase`` over
+        these, any other phase (fine-tune, baseline) uses these as they are."""
+        if phase != "prune":
+            return self
+        updates = {k: v for k, v in self.prune_phase.model_dump().items() if v is not None}
+        if not updates:
+            return self
+        merged = {**self.model_dump(), **updates, "prune_phase": {}}
+        if "schedule" in updates and updates["schedule"] == "cosine" and "milestones" not in updates:
+            merged["milestones"], merged["cycle_epochs"] = [], None  # a cosine phase drops train's steps
+        return TrainConfig.model_construct(**{**merged, "prune_phase": PhaseConfig()})
+
+    @model_validator(mode="after")
     def _deepspeed_only(self) -> TrainConfig:
         if self.backend != "deepspeed":
             # silently ignoring a ZeRO stage or a DeepSpeed file would train something else than asked
@@ -120,6 +164,21 @@ class TrainConfig(_Strict):
         if self.deepspeed_config is not None:
             read_override(self.deepspeed_config)
         return self
+
+
+def _check_schedule(t: TrainConfig, key: str) -> None:
+    """A step schedule needs increasing milestones inside its cycle; a cosine one takes none
+    (silently ignoring them would train with another schedule than the one asked for)."""
+    if t.schedule == "cosine":
+        if t.milestones or t.cycle_epochs is not None:
+            raise ValueError(f"{key}.milestones / cycle_epochs: only with {key}.schedule=step")
+        return
+    if not t.milestones:
+        raise ValueError(f"{key}.milestones: schedule=step needs at least one milestone epoch")
+    if any(m < 1 for m in t.milestones) or any(b <= a for a, b in zip(t.milestones[:-1], t.milestones[1:], strict=True)):
+        raise ValueError(f"{key}.milestones = {t.milestones}: must be increasing epochs >= 1")
+    if t.cycle_epochs is not None and t.milestones[-1] >= t.cycle_epochs:
+        raise ValueError(f"{key}.milestones = {t.milestones}: must lie inside cycle_epochs = {t.cycle_epochs}")
 
 
 class BaselineConfig(_Strict):

@@ -82,6 +82,7 @@ def make_optimizer(
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then a half cosine to 0 at ``total_steps``."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -89,6 +90,42 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_factor(epoch: int, milestones: list[int], gamma: float, cycle_epochs: int | None = None) -> float:
+    """The step schedule's LR multiplier in ``epoch`` (0-based): ``gamma`` once per milestone
+    reached. With ``cycle_epochs`` the schedule restarts every that many epochs (AutoPruner's
+    stage-wise phase: each stage runs its own ×0.1 step)."""
+    e = epoch % cycle_epochs if cycle_epochs else epoch
+    return gamma ** sum(1 for m in milestones if e >= m)
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int, total_epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule ``train`` names, stepped once per optimizer step.
+
+    ``cosine``: linear warm-up, then a half cosine over the phase. ``step``: linear warm-up, then
+    ×``gamma`` at each epoch in ``milestones`` (SFP: ×0.1 every 30 epochs, torchvision's
+    reference recipe), changing at epoch boundaries.
+    """
+    warmup = train.warmup_epochs * steps_per_epoch
+    if train.schedule == "cosine":
+        return cosine_schedule(optimizer, steps_per_epoch * total_epochs, warmup)
+    per_epoch = max(1, steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return step_factor(step // per_epoch, train.milestones, train.gamma, train.cycle_epochs)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fast_forward(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Advance ``scheduler`` by ``steps`` optimizer steps (a phase resumed mid-way)."""
+    for _ in range(steps):
+        scheduler.step()
 
 
 def optimizer_steps(batches: int, grad_accum: int) -> int:
@@ -111,8 +148,10 @@ def train_phase(
 ) -> nn.Module:
     """Train ``epochs`` (a range, so a resumed phase starts mid-way) on ``train.backend``, with
     ``micro_batch`` the loader's batch size per rank; after each epoch run the method's
-    ``on_epoch_end`` and then ``on_epoch(epoch, backend, stats)``. The same SGD groups and cosine schedule on
-    every backend; ``optimizer_state`` (from :meth:`TrainingBackend.state_dict`) resumes one.
+    ``on_epoch_end`` and then ``on_epoch(epoch, backend, stats)``. The same SGD groups and schedule
+    (:func:`lr_schedule`) on every backend; ``train`` is the phase's own settings
+    (``TrainConfig.for_phase``); ``optimizer_state`` (from :meth:`TrainingBackend.state_dict`)
+    resumes one, and the schedule is fast-forwarded to the first epoch of ``epochs``.
     Returns the trained plain module, released by the backend.
     """
     cl = use_channels_last(train.channels_last, info.device)
@@ -123,17 +162,19 @@ def train_phase(
     model = model.to(info.device)
     opt = make_optimizer(model, train.lr, lr_scales=method.lr_scales(model) if method is not None else None, **sgd)
     per_epoch = optimizer_steps(max(1, len(loader)), train.grad_accum)
-    sched = cosine_schedule(opt, per_epoch * total_epochs, train.warmup_epochs * per_epoch)
+    sched = lr_schedule(opt, train, per_epoch, total_epochs)
     backend = make_backend(train, info, micro_batch, amp, cl)
-    backend.wrap(model, opt, sched)
+    # the engine, not the backend, steps the schedule: after the method's post-step hook, so a
+    # proximal step (ISTA) sees the learning rate of the step it follows
+    backend.wrap(model, opt, None)
     if optimizer_state is not None:
         backend.load_state_dict(optimizer_state)
-    for _ in range(epochs.start * per_epoch):
-        sched.step()  # fast-forward the schedule of a resumed phase
+    fast_forward(sched, epochs.start * per_epoch)
     for epoch in epochs:
         loader.set_epoch(epoch)
         stats = train_epoch(backend, loader, info, method=method, amp=amp, label_smoothing=train.label_smoothing,
-                            channels_last=cl, grad_accum=train.grad_accum, desc=f"{desc} {epoch + 1}/{total_epochs}")
+                            channels_last=cl, grad_accum=train.grad_accum, desc=f"{desc} {epoch + 1}/{total_epochs}",
+                            scheduler=sched)
         if method is not None:
             method.on_epoch_end(backend.module, epoch)
             backend.params_edited()
@@ -152,13 +193,15 @@ def train_epoch(
     channels_last: bool = False,
     grad_accum: int = 1,
     desc: str = "train",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss and top-1 over all ranks, the steps taken
     and the bad samples skipped.
 
     The optimizer steps every ``grad_accum`` micro-batches and after the epoch's last one. After
-    each step the method's ``after_step`` hook runs on the module, then the backend makes the
-    optimizer see what it edited. No per-step host synchronisation: loss and accuracy accumulate
+    each step the method's ``after_step`` hook runs on the module (the optimizer's ``lr`` is still
+    the one the step used), the backend makes the optimizer see what it edited, and only then
+    ``scheduler`` steps. No per-step host synchronisation: loss and accuracy accumulate
     on the device and are read once at the end (an ``.item()`` per step would stall a GPU's queue).
     """
     net = backend.module
@@ -187,6 +230,8 @@ def train_epoch(
         if boundary and method is not None:
             method.after_step(net, backend.optimizer)
             backend.params_edited()
+        if boundary and scheduler is not None:
+            scheduler.step()
         n = labels.numel()
         with torch.no_grad():
             stats[0] += loss.detach().double() * n

@@ -41,6 +41,7 @@ from torchvision.transforms import v2 as T
 from pipeline.config import DataConfig
 from pipeline.data.errors import BadSample, BadSampleLog, parse_label
 from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import IndexEntry, index_path, iter_members, read_index, scan_tar
 
 # Below this many shards per reader, splitting by shard balances badly: split by sample.
 _MIN_SHARDS_PER_SLOT = 4
@@ -326,36 +327,75 @@ def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: i
 
 
 def calibration_set(
-    cfg: DataConfig, samples: int, rank: int, world: int, device: torch.device
+    cfg: DataConfig, samples: int, rank: int, world: int, device: torch.device, seed: int = 0
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of a fixed calibration set: the first ``samples`` training images in
-    shard order, without augmentation, sample ``i`` on rank ``i % world``. The set is the same
-    whatever the number of ranks, so a decision made on it is too."""
+    """This rank's share of a fixed calibration set: ``samples`` training images drawn at random
+    (seeded by ``seed``) from the whole training split, so the set spreads over every shard and
+    class instead of the first shards' few classes; without augmentation, sample ``i`` of the
+    draw on rank ``i % world``. The set depends on ``seed`` alone, not on the number of ranks,
+    so a decision made on it does not either."""
+    if samples < 1:
+        raise ValueError(f"calibration samples = {samples}: must be at least 1")
     if cfg.backend == "synthetic":
-        gen = torch.Generator().manual_seed(1234)
+        gen = torch.Generator().manual_seed(1234 + seed)
         x = torch.randn(samples, 3, cfg.image_size, cfg.image_size, generator=gen)
         y = torch.randint(0, cfg.synthetic_classes, (samples,), generator=gen)
         mine = list(range(rank, samples, world))
         xs, ys = x[mine], y[mine]
     else:
-        root = Path(cfg.root)
-        manifest = read_manifest(root)
-        ds = ShardedSamples(root, manifest["splits"]["train"], 0, 1, 0,
-                            _transforms("none", False, cfg.image_size, manifest["mean"], manifest["std"]),
-                            shuffle=False, seed=0, buffer=0, num_classes=manifest["num_classes"])
-        picked = []
-        good = 0
-        for sample in ds._samples(ds.shards):
-            if good >= samples:
-                break
-            x, y, bad = ds._decode(sample)
-            if bad is not None:
-                continue  # the set must be the same on every rank: skip bad samples everywhere alike
-            if good % world == rank:
-                picked.append((x, y))
-            good += 1
+        picked = [p for i, p in enumerate(_draw_calibration(cfg, samples, seed)) if i % world == rank]
         xs = torch.stack([p[0] for p in picked]) if picked else torch.empty(0, 3, cfg.image_size, cfg.image_size)
         ys = torch.tensor([p[1] for p in picked], dtype=torch.int64)
     return [(xs[i:i + cfg.batch_size].to(device), ys[i:i + cfg.batch_size].to(device))
             for i in range(0, len(ys), cfg.batch_size)]
 
+
+def _shard_entries(root: Path, shard: dict[str, Any]) -> list[IndexEntry]:
+    """The readable samples of a shard: its index file (written by ``prunepipe data``), else its tar headers."""
+    path = root / shard["path"]
+    idx = index_path(path)
+    entries = read_index(idx) if idx.is_file() else scan_tar(path)[0]
+    return entries[: shard.get("readable", shard["count"])]
+
+
+def _draw_calibration(cfg: DataConfig, samples: int, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """``samples`` good training samples, a seeded uniform draw over all shards, in draw order.
+
+    Every rank draws and decodes the same candidates, so a bad sample is skipped everywhere
+    alike; candidates are read shard by shard in file order (one seek per sample).
+    """
+    root = Path(cfg.root)
+    manifest = read_manifest(root)
+    shards = manifest["splits"]["train"]
+    ds = ShardedSamples(root, shards, 0, 1, 0,
+                        _transforms("none", False, cfg.image_size, manifest["mean"], manifest["std"]),
+                        shuffle=False, seed=0, buffer=0, num_classes=manifest["num_classes"])
+    entries = [_shard_entries(root, s) for s in ds.shards]
+    where = [(si, ei) for si, es in enumerate(entries) for ei in range(len(es))]
+    rng = random.Random(seed)
+    # a margin of extra candidates stands in for bad samples; the whole split if that is not enough
+    order = rng.sample(range(len(where)), min(len(where), 2 * samples + 16))
+    good = _decode_candidates(root, ds, entries, [where[i] for i in order])
+    if len(good) < samples and len(order) < len(where):
+        taken = set(order)
+        rest = [i for i in rng.sample(range(len(where)), len(where)) if i not in taken]
+        good += _decode_candidates(root, ds, entries, [where[i] for i in rest])
+    return good[:samples]
+
+
+def _decode_candidates(root: Path, ds: ShardedSamples, entries: list[list[IndexEntry]],
+                       wanted: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+    """Decode the samples ``wanted`` (shard, entry) and return the good ones in ``wanted``'s order."""
+    by_shard: dict[int, list[int]] = {}
+    for si, ei in wanted:
+        by_shard.setdefault(si, []).append(ei)
+    decoded: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    for si, eis in by_shard.items():
+        path = ds.shards[si]["path"]
+        chosen = [entries[si][ei] for ei in sorted(eis)]
+        for ei, (entry, comps) in zip(sorted(eis), iter_members(root / path, chosen), strict=True):
+            sample = {"__key__": entry.key, "__shard__": path, **comps}
+            x, y, bad = ds._decode(sample)
+            if bad is None:
+                decoded[(si, ei)] = (x, y)
+    return [decoded[w] for w in wanted if w in decoded]

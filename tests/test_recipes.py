@@ -1,0 +1,85 @@
+"""Every paper recipe (configs/recipes/) validates and gives the MACs reduction its paper reports.
+
+MACs are counted on torchvision's models at the recipe's image size with the project's own
+group finding; no data is needed. The papers' figures are the ones docs/methods.md cites.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.recipe import check_config
+from methods import get_method_class
+from pipeline.config import load_config
+from pipeline.models import build_model
+from pipeline.surgery import find_groups, macs_after, macs_profile
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+# paper's FLOPs reduction (fraction) and where it is reported
+PAPER = {
+    "sfp_resnet50.yaml": (0.418, "He et al. 2018, Table 2, ResNet-50 SFP 30%"),
+    "sfp_resnet101.yaml": (0.422, "He et al. 2018, Table 2, ResNet-101 SFP 30%"),
+    "autopruner_resnet50.yaml": (0.51, "Roll920/AutoPruner README, ResNet-50 keep 0.5"),
+}
+
+
+def recipe_macs_reduction(path: Path) -> float:
+    """The MACs reduction the recipe gives, as its paper counts it: SFP's soft-masked count (the
+    paper's), the uniform cut of the method's own groups otherwise."""
+    cfg = check_config(load_config(path))
+    torch.manual_seed(0)
+    model = build_model(cfg.model.arch, 1000, None)
+    size = cfg.data.image_size
+    groups = find_groups(model, size, cfg.prune.scope)
+    method = get_method_class(cfg.prune.method)(groups, cfg.prune.prune_ratio, cfg.prune.round_to,
+                                                cfg.prune.options.get(cfg.prune.method), image_size=size)
+    method.prepare(model)
+    soft = method.summary().get("soft_macs_reduction")
+    if soft is not None:
+        return soft
+    profile = macs_profile(model, size)
+    kept = {g.name: method.n_keep(g) for g in method.groups}
+    return 1.0 - macs_after(profile, method.groups, kept) / sum(profile.values())
+
+
+def test_every_recipe_is_listed_and_valid():
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert names, "no recipe found"
+    for name in names:
+        check_config(load_config(RECIPES / name))
+    # every recipe either has a paper figure to check or is explained in the parametrization below
+    assert set(PAPER) | {"ista_resnet101.yaml"} == set(names)
+
+
+@pytest.mark.parametrize("name", [
+    "sfp_resnet50.yaml",
+    "sfp_resnet101.yaml",
+    pytest.param("autopruner_resnet50.yaml", marks=pytest.mark.xfail(
+        reason="needs AutoPruner's gate placement (last layer4 block ungated, issue 10), done in "
+               "methods/autopruner.py on another branch; today 55.4 % vs the paper's 51 %", strict=False)),
+])
+def test_recipe_macs_reduction_matches_the_paper(name):
+    paper, where = PAPER[name]
+    got = recipe_macs_reduction(RECIPES / name)
+    assert abs(got - paper) <= 0.02, f"{name}: {got:.3f} fewer MACs, {where} reports {paper:.3f}"
+
+
+def test_ista_recipe_reduces_parameters_into_the_papers_range():
+    # the paper reports parameters for ResNet-101 (44.5 M -> about 17-21 M, METHODS.md §5,
+    # recalled); exact_budget prunes the configured count per inner group
+    cfg = check_config(load_config(RECIPES / "ista_resnet101.yaml"))
+    model = build_model(cfg.model.arch, 1000, None)
+    groups = find_groups(model, 224, "inner")
+    method = get_method_class("ista")(groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options["ista"],
+                                      image_size=224)
+    dense = sum(p.numel() for p in model.parameters())
+    weights = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)}
+    kept = {g.name: method.n_keep(g) for g in groups}
+    # a weight tensor shrinks with the kept fractions of its input and output channels, as MACs do;
+    # BN parameters and biases are a rounding error (under 0.2 M on ResNet-101) and counted as kept
+    removed = sum(weights.values()) - macs_after(weights, groups, kept)
+    pruned_m = (dense - removed) / 1e6
+    assert abs(dense / 1e6 - 44.5) < 0.2
+    assert 17.0 <= pruned_m <= 21.0, pruned_m
