@@ -3,7 +3,8 @@ METHODS.md §3. One-shot, layer-wise rates, no prune-retrain loop.
 
 Only the abstract is available; the project's reconstruction:
 
-- A fixed calibration set (the first ``calib_samples`` training images, no augmentation) and
+- A fixed calibration set (``calib_samples`` training images drawn with the run's seed from
+  all the training shards, no augmentation) and
   its dense loss L0, the model in eval mode.
 - Per channel group, independently: channels ranked by the criterion (L1 norm of the
   producing filters by default); binary search of the largest k such that masking the k
