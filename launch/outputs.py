@@ -28,7 +28,7 @@ TRIAL_FILES = (CHECKPOINT, "bad_samples.tsv", "widths.png", "model/spec.json", "
 # executed (a checkpoint resumes on DDP or DeepSpeed, any world size: see the README), how the
 # result is measured or logged, and what a search does around the trial.
 _NOT_SHAPING = (
-    "name", "output_dir", "measure.", "search.", "registry.", "baseline.", "prune.options.",
+    "name", "output_dir", "measure.", "search.", "registry.", "baseline.", "prune.options",
     "data.backend", "data.num_workers", "data.dali_device", "data.on_error", "data.max_bad_fraction",
     "train.backend", "train.zero_stage", "train.max_failures", "train.deepspeed_config", "train.amp",
     "train.channels_last",

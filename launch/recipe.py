@@ -56,7 +56,7 @@ from pipeline.engine import (
     use_channels_last,
 )
 from pipeline.measure import compare
-from pipeline.models import build_model
+from pipeline.models import build_model, check_weights_path
 from pipeline.plots import width_plot
 from pipeline.spec import build_from_spec, make_spec, save_pruned
 from pipeline.surgery import ChannelGroup, apply_masks, find_groups, prune_model
@@ -98,6 +98,8 @@ def check_config(cfg: Config) -> Config:
     ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
     ``search.space`` may draw. Raises :class:`ConfigError` naming the key, before any work."""
     _epochs(cfg, _method_class(cfg.prune.method, "prune.method"))
+    if cfg.model.weights is not None:
+        check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
     for name, options in cfg.prune.options.items():
         _method_class(name, f"prune.options.{name}")
         _check_options(name, options, f"prune.options.{name}")

@@ -82,7 +82,9 @@ def parse_yaml(text: str, what: str) -> Any:
     except ConfigError as err:
         raise ConfigError(f"{what}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f"line {mark.line + 1}: {problem}" if mark is not None and problem else str(err).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML: {where}") from None
     except RecursionError:
         raise ConfigError(f"{what} is nested too deeply") from None
 

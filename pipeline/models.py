@@ -38,6 +38,11 @@ def build_model(arch: str, num_classes: int, weights: str | Path | None = None) 
     return model
 
 
+def check_weights_path(path: str | Path, what: str = "model.weights") -> None:
+    """A weights path that exists and is a non-empty regular file (not a folder, not a device)."""
+    _check_path(Path(path), what)
+
+
 def _check_path(path: Path, what: str) -> None:
     if not path.exists():
         raise WeightsError(f"{what}: {str(path)!r} does not exist")
