@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -246,7 +250,7 @@ def test_fingerprint_covers_what_shapes_the_model_and_nothing_else(tmp_path):
             assert changed == base  # an empty options block changes nothing
         else:
             assert changed != base and changed[key] != base[key], shaping
-    for neutral in ("name=other", "measure.rounds=30", "train.backend=ddp", "data.num_workers=2",
+    for neutral in ("name=other", "measure.rounds=30", "train.amp=bf16", "train.max_failures=5", "data.num_workers=2",
                     "registry.experiment=x", "search.num_samples=9", "prune.options.lossvar={delta: 0.3}"):
         assert fingerprint(_cfg(tmp_path, neutral)) == base, neutral  # lossvar's options: l1 runs
 
@@ -401,3 +405,90 @@ def test_lookup_in_a_missing_sqlite_store_creates_nothing(tmp_path, capsys):
     line = run_cli(["show", "models:/m@champion", "--tracking-uri", f"sqlite:///{db}"], capsys)
     assert "no MLflow store there" in line and str(db) in line
     assert not (tmp_path / "typo").exists()
+
+
+# --- whole trials: rerun into an old output_dir, Ctrl-C, SIGTERM, a crash -------------------------
+TINY = ("data.backend=synthetic", "data.image_size=16", "data.synthetic_samples=64", "data.batch_size=32",
+        "train.budget_epochs=null", "train.epochs=1", "prune.epochs=0", "measure.warmup=0", "measure.attempts=1",
+        "train.bn_recalib_batches=0")
+
+
+def _prune_proc(out: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *prune_args(DEMO, out, *TINY, *overrides)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_rerun_with_other_settings_never_mixes_models(tmp_path):
+    out = tmp_path / "out"
+    first = _prune_proc(out, "registry.enabled=false", "measure.rounds=2")
+    assert first.returncode == 0, first.stderr
+    before = tree(out)
+    again = _prune_proc(out, "registry.enabled=false", "measure.rounds=2", "prune.method=l2", "prune.prune_ratio=0.2")
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines() == [again.stderr.strip()]
+    assert "prune.method 'l1' -> 'l2'" in again.stderr and "prune.prune_ratio 0.5 -> 0.2" in again.stderr
+    assert tree(out) == before  # the finished l1 model and its checkpoint are untouched
+    fresh = _prune_proc(out, "registry.enabled=false", "measure.rounds=2", "prune.method=l2", "prune.prune_ratio=0.2",
+                        "--restart")
+    assert fresh.returncode == 0, fresh.stderr
+    spec = json.loads((out / "model" / "spec.json").read_text())
+    assert spec["config"]["prune"]["method"] == "l2" and spec["config"]["prune"]["prune_ratio"] == 0.2
+    # the weights are the new cut (20 % of 64 channels removed), not the old 50 % model under a new label
+    assert spec["layers"]["layer1.0.conv1"]["out"] > 32
+
+
+def _run_status(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        try:
+            return [row[0] for row in con.execute("select status from runs")]
+        except sqlite3.OperationalError:
+            return []  # tables not created yet
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_interrupt_prints_one_line_and_ends_the_run_killed(sig, code, word, tmp_path):
+    out = tmp_path / "out"
+    db = tmp_path / "store" / "mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *prune_args(DEMO, out, *TINY, "measure.rounds=5000")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while "RUNNING" not in _run_status(db):  # the MLflow run has started: the trial is under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the trial ended or never started its run"
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines() == [f"prunepipe: {word} during `prune`"]
+    assert _run_status(db) == ["KILLED"]
+    assert not list(out.glob(".checkpoint.pt.*"))
+
+
+@pytest.mark.timeout(300)
+def test_a_crashing_trial_ends_its_run_failed(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from launch import recipe
+
+    cfg = load_config(DEMO, [f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    log = recipe._TrialLog(cfg, SOLO, "crash")
+
+    def boom():
+        raise RuntimeError("a worker died")
+
+    monkeypatch.setattr(recipe, "setup", lambda *a, **k: SimpleNamespace(log=log, evaluate=boom))
+    with pytest.raises(RuntimeError, match="a worker died"):
+        recipe.run_trial(cfg)
+    assert _run_status(tmp_path / "mlflow.db") == ["FAILED"]
