@@ -24,14 +24,17 @@ CHECKPOINT = "checkpoint.pt"
 # (an output_dir may also hold a search's trials/ or baseline/, which are not this trial's)
 TRIAL_FILES = (CHECKPOINT, "bad_samples.tsv", "widths.png", "model/spec.json", "model/model.safetensors")
 
-# Settings that do not shape the weights a checkpoint holds: where things go, how a step is
-# executed (a checkpoint resumes on DDP or DeepSpeed, any world size: see the README), how the
-# result is measured or logged, and what a search does around the trial.
+# Settings that may change between a run and its resumption: where things go; how a step is
+# executed (a checkpoint resumes on DDP or DeepSpeed and on any world size, so the per-rank batch
+# and accumulation may change with it); how the result is measured or logged; what a search does
+# around the trial; and the length of training (a longer train.epochs or budget_epochs on the
+# same folder continues after the last finished epoch: a supported resume, tested in test_ddp).
 _NOT_SHAPING = (
     "name", "output_dir", "measure.", "search.", "registry.", "baseline.", "prune.options",
     "data.backend", "data.num_workers", "data.dali_device", "data.on_error", "data.max_bad_fraction",
-    "train.backend", "train.zero_stage", "train.max_failures", "train.deepspeed_config", "train.amp",
-    "train.channels_last",
+    "data.batch_size", "data.shuffle_buffer", "train.backend", "train.zero_stage", "train.grad_accum",
+    "train.max_failures", "train.deepspeed_config", "train.amp", "train.channels_last", "train.epochs",
+    "train.budget_epochs",
 )
 
 

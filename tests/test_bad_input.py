@@ -250,9 +250,12 @@ def test_fingerprint_covers_what_shapes_the_model_and_nothing_else(tmp_path):
             assert changed == base  # an empty options block changes nothing
         else:
             assert changed != base and changed[key] != base[key], shaping
+    # a longer fine-tune on the same folder continues it (test_ddp's resume); the rest is where
+    # things go and how they run; lossvar's options do not matter to an l1 run
     for neutral in ("name=other", "measure.rounds=30", "train.amp=bf16", "train.max_failures=5", "data.num_workers=2",
-                    "registry.experiment=x", "search.num_samples=9", "prune.options.lossvar={delta: 0.3}"):
-        assert fingerprint(_cfg(tmp_path, neutral)) == base, neutral  # lossvar's options: l1 runs
+                    "registry.experiment=x", "search.num_samples=9", "prune.options.lossvar={delta: 0.3}",
+                    "train.budget_epochs=5", "train.epochs=4"):
+        assert fingerprint(_cfg(tmp_path, neutral)) == base, neutral
 
 
 def test_other_settings_in_an_existing_output_dir_stop_with_the_differing_keys(tmp_path, capsys):
