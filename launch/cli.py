@@ -8,10 +8,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, absolutize, load_config
+from pipeline.config import ConfigError, absolutize, check_tracking_uri, load_config
+
+# models:/NAME@ALIAS or models:/NAME/VERSION: checked here, before MLflow is asked
+_MODEL_URI = re.compile(r"models:/[^/@]+(@[^/@]+|/[0-9]+)")
+
+
+class Terminated(SystemExit):
+    """SIGTERM (torchrun, SLURM or a user ending the job), raised in the main thread so that a
+    running trial ends its MLflow run as KILLED on the way out."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +73,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from launch.recipe import run_trial
 
     cfg = _load(args)
-    final = run_trial(cfg)
+    final = run_trial(cfg, restart=args.restart)
     from pipeline.distributed import init_distributed
 
     if init_distributed().is_main:
@@ -70,18 +83,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from launch.outputs import check_writable
     from launch.recipe import run_pretrain
 
-    print(f"baseline weights: {run_pretrain(_load(args))}")
+    cfg = _load(args)
+    check_writable(cfg)
+    print(f"baseline weights: {run_pretrain(cfg)}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from launch.outputs import check_writable
     from launch.search import ensure_baseline, format_table, run_search
 
     cfg = _load(args)
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
+    check_writable(cfg)
     cfg = ensure_baseline(cfg)
     result = run_search(cfg)
     print()
@@ -92,12 +110,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline import registry
     from pipeline.measure import count_macs, count_params
     from pipeline.spec import load_pruned, stage_widths
 
     source = args.model
-    folder = registry.download_model(source, args.tracking_uri) if source.startswith("models:/") else Path(source)
+    folder = _fetch(source, args.tracking_uri) if source.startswith("models:/") else Path(source)
     model, spec = load_pruned(folder)
     size = int(spec.get("image_size", 224))
     print(f"{source}: {spec['arch']}, {spec['num_classes']} classes, input {size}x{size}")
@@ -105,7 +122,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     metrics = spec.get("metrics", {})
     if metrics:
         shown = ("val_top1", "dense_val_top1", "macs_reduction", "img_s", "speedup", "speedup_efficiency")
-        print("   ".join(f"{k} {metrics[k]:.4g}" for k in shown if k in metrics))
+        print("   ".join(f"{k} {metrics[k]:.4g}" for k in shown if metrics.get(k) is not None))
     print(f"{'stage':<7} {'blocks':>6} {'out':>5}  inner widths per block")
     for row in stage_widths(spec):
         print(f"{row['stage']:<7} {row['blocks']:>6} {row['out']:>5}  {' '.join(row['inner'])}")
@@ -123,17 +140,41 @@ def cmd_promote(args: argparse.Namespace) -> int:
         tol = cfg.registry.promote_tolerance if tol is None else tol
     if uri is None:
         raise ConfigError("promote: give --tracking-uri or --config")
+    _check_store(uri)
     decision = promote(args.name, uri, 0.005 if tol is None else tol)
     print(decision.message)
     return 0
 
 
+def _check_store(uri: str) -> None:
+    """A tracking URI MLflow can open, and for SQLite an existing file: a lookup must not
+    create an empty database where a user mistyped the path."""
+    try:
+        check_tracking_uri(uri)
+    except ValueError as err:
+        raise ConfigError(f"--tracking-uri {uri}: {err}") from None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--tracking-uri {uri}: no MLflow store there")
+
+
+def _fetch(source: str, tracking_uri: str | None) -> Path:
+    """A ``models:/`` URI → a local pruned-model folder, from the store given (or $MLFLOW_TRACKING_URI)."""
+    if not _MODEL_URI.fullmatch(source):
+        raise ConfigError(f"{source!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError(f"{source}: give --tracking-uri (or set MLFLOW_TRACKING_URI) to say which registry")
+    _check_store(uri)
+    from pipeline import registry
+
+    return registry.download_model(source, uri)
+
+
 def _load_any(source: str, tracking_uri: str | None):
     """A pruned-model folder or a ``models:/`` URI → (model, spec)."""
-    from pipeline import registry
     from pipeline.spec import load_pruned
 
-    folder = registry.download_model(source, tracking_uri) if source.startswith("models:/") else Path(source)
+    folder = _fetch(source, tracking_uri) if source.startswith("models:/") else Path(source)
     return load_pruned(folder)
 
 
@@ -239,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prune, fine-tune, measure and register one model. Runs the same under "
                        "`torchrun --nproc_per_node=N -m launch.cli prune ...`.")
     _add_config_args(p)
+    p.add_argument("--restart", action="store_true", help="discard the checkpoint and results of an earlier run "
+                   "in output_dir and start afresh (by default a rerun resumes it, and refuses one of other settings)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("pretrain", help="train the dense baseline", description="Train the dense model for "
@@ -305,8 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import SpecError
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, DatasetError, SpecError, WeightsError)
+    _terminate_as_exit()
     try:
         code = args.func(args)
+    except KeyboardInterrupt:
+        # one line, not a 19-frame traceback; the recipe has ended the MLflow run as KILLED
+        print(f"prunepipe: interrupted (Ctrl-C) during `{args.command}`", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"prunepipe: terminated (SIGTERM) during `{args.command}`", file=sys.stderr)
+        return 143
     except Exception as err:
         # the registry's errors, without importing MLflow here: a trial with registry.enabled=false
         # must run where MLflow is not installed, and only the registry module raises them
@@ -321,6 +372,25 @@ def main(argv: list[str] | None = None) -> int:
     # flight, where destroying the group can block; torchrun tears that job down anyway.
     shutdown_distributed()
     return code
+
+
+def _terminate_as_exit() -> None:
+    """SIGTERM → :class:`Terminated` in this process (not in forked DataLoader workers, which
+    take the default action), so ``finally`` blocks and the recipe's run status get to run."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from launch.outputs import (
+    CHECKPOINT,
+    check_fingerprint,
+    fingerprint_json,
+    prepare_output,
+)
 from methods import Method, SelectContext, get_method_class, method_names
-from pipeline.config import Config, ConfigError, config_to_dict, flatten, format_error
+from pipeline.config import Config, ConfigError, config_to_dict, flatten, format_error, sampler_values
 from pipeline.data.loaders import Loader, build_loader, calibration_set
 from pipeline.distributed import (
     DistInfo,
@@ -50,7 +56,7 @@ from pipeline.engine import (
     use_channels_last,
 )
 from pipeline.measure import compare
-from pipeline.models import build_model
+from pipeline.models import build_model, check_weights_path
 from pipeline.plots import width_plot
 from pipeline.spec import build_from_spec, make_spec, save_pruned
 from pipeline.surgery import ChannelGroup, apply_masks, find_groups, prune_model
@@ -92,11 +98,13 @@ def check_config(cfg: Config) -> Config:
     ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
     ``search.space`` may draw. Raises :class:`ConfigError` naming the key, before any work."""
     _epochs(cfg, _method_class(cfg.prune.method, "prune.method"))
+    if cfg.model.weights is not None:
+        check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
     for name, options in cfg.prune.options.items():
         _method_class(name, f"prune.options.{name}")
         _check_options(name, options, f"prune.options.{name}")
     for key, entry in cfg.search.space.items():
-        values = entry.choice if entry.choice is not None else entry.grid
+        values = sampler_values(entry)  # every choice, or both ends of a range (checked by the schema)
         if key == "prune.method":
             for name in values or []:
                 _method_class(name, "search.space: prune.method")
@@ -151,6 +159,18 @@ class _TrialLog:
         if plot is not None:
             self.artifact(plot, "plots")
         self._registry.mlflow.end_run()
+        self.active = False
+
+    def end(self, status: str) -> None:
+        """End the run as ``status`` (MLflow's FAILED or KILLED) when the trial stops early, so
+        it never reads FINISHED, nor RUNNING forever. Called while an error propagates."""
+        if not self.active:
+            return
+        self.active = False
+        try:
+            self._registry.mlflow.end_run(status=status)
+        except Exception as err:  # noqa: BLE001 - the trial's own error is the one to report
+            print(f"[prunepipe] could not mark the MLflow run {status}: {str(err).splitlines()[0]}", flush=True)
 
 
 def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:
@@ -204,7 +224,7 @@ class Trial:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / CHECKPOINT
 
     def evaluate(self, net: nn.Module | None = None) -> dict[str, float]:
         metrics = evaluate(net if net is not None else self.model, self.val_loader, self.info,
@@ -235,10 +255,13 @@ class Resume:
     state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> Resume:
+    def read(cls, path: Path, cfg: Config) -> Resume:
+        """The checkpoint at ``path``, if any, refused (ConfigError) unless written under
+        settings that shape the model the same way as ``cfg`` (launch/outputs.py)."""
         state = load_checkpoint(path)
         if state is None:
             return cls()
+        check_fingerprint(state.get("fingerprint"), cfg, path)
         return cls(phase=state["phase"], epoch=int(state["epoch"]), state=state)
 
     def first_epoch(self, phase: str) -> int:
@@ -310,7 +333,8 @@ def prune(trial: Trial, resume: Resume) -> None:
         trial.report(metrics)
         save_checkpoint(trial.checkpoint_path, {"phase": "prune", "epoch": epoch + 1,
                                                 "model": backend.module.state_dict(),
-                                                "optimizer": backend.state_dict(), "method": method.state()},
+                                                "optimizer": backend.state_dict(), "method": method.state(),
+                                                "fingerprint": fingerprint_json(trial.cfg)},
                         trial.info)
 
     trial.train(range(first, trial.prune_epochs), trial.prune_epochs, after_epoch, resume.optimizer_state("prune"),
@@ -384,7 +408,8 @@ def finetune(trial: Trial, resume: Resume) -> None:
         save_checkpoint(trial.checkpoint_path, {"phase": "finetune", "epoch": epoch + 1,
                                                 "model": backend.module.state_dict(),
                                                 "optimizer": backend.state_dict(), "spec": json.dumps(spec),
-                                                "summary": json.dumps(trial.summary)},
+                                                "summary": json.dumps(trial.summary),
+                                                "fingerprint": fingerprint_json(trial.cfg)},
                         trial.info)
 
     trial.train(range(first, trial.ft_epochs), trial.ft_epochs, after_epoch, resume.optimizer_state("finetune"),
@@ -420,19 +445,30 @@ def save(trial: Trial) -> dict[str, Any]:
     return final
 
 
-def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None = None) -> dict[str, Any]:
-    """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank)."""
+def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None = None,
+              restart: bool = False) -> dict[str, Any]:
+    """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank).
+    ``restart`` discards an earlier run's checkpoint in ``output_dir`` instead of resuming it."""
+    check_config(cfg)
+    prepare_output(cfg, init_distributed(), restart)
+    resume = Resume.read(Path(cfg.output_dir) / CHECKPOINT, cfg)  # other settings: ConfigError
     trial = setup(cfg, report, run_name)
-    resume = Resume.read(trial.checkpoint_path)
-    if resume.phase == "finetune":
-        resume.restore_cut(trial)
-    else:
-        trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
-        prune(trial, resume)
-        cut(trial)
-        measure(trial)
-    finetune(trial, resume)
-    return save(trial)
+    try:
+        if resume.phase == "finetune":
+            resume.restore_cut(trial)
+        else:
+            trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
+            prune(trial, resume)
+            cut(trial)
+            measure(trial)
+        finetune(trial, resume)
+        return save(trial)
+    except (KeyboardInterrupt, SystemExit):
+        trial.log.end("KILLED")  # Ctrl-C, or SIGTERM turned into SystemExit by the CLI
+        raise
+    except BaseException:
+        trial.log.end("FAILED")
+        raise
 
 
 # --- the dense baseline ---------------------------------------------------------------------------

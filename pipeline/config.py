@@ -8,11 +8,23 @@ with a :class:`ConfigError` whose message is one line naming the key and what is
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from pipeline.textfiles import read_text_file
 
 ARCHS = (
     "resnet18",
@@ -29,6 +41,52 @@ ARCHS = (
 
 class ConfigError(ValueError):
     """A config problem, with a one-line message that names the offending key."""
+
+
+# A config is a few kilobytes; a cap on what is read bounds a hostile file (or /dev/zero) before
+# the YAML parser sees it, and refusing aliases bounds what the parser can expand it into.
+MAX_CONFIG_BYTES = 1 << 20
+SEED_MAX = 2**31 - 1  # DALI and numpy take 32-bit seeds; torch.manual_seed overflows past 2**64
+# MLflow's built-in tracking stores; anything else fails deep inside MLflow after work was done
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader minus the two things that make a config lie or explode:
+    aliases (``*a``: a 550-byte "billion laughs" expands to gigabytes, so none are allowed)
+    and duplicate keys (PyYAML keeps the last one silently)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed "
+                              "in a config; write the value out")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a mapping key must be a plain value")
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` as YAML through :class:`_StrictLoader`; any problem is a one-line ConfigError naming ``what``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    except yaml.YAMLError as err:
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        where = f"line {mark.line + 1}: {problem}" if mark is not None and problem else str(err).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML: {where}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply") from None
 
 
 class _Strict(BaseModel):
@@ -257,10 +315,30 @@ class RegistryConfig(_Strict):
     promote_tolerance: float = Field(0.005, ge=0.0, le=1.0)  # top-1 drop allowed on promote
     enabled: bool = True
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_scheme(cls, uri: str) -> str:
+        check_tracking_uri(uri)
+        return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can open: a known scheme (or a plain path), a SQLite file path."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        if ":" in uri.split("/")[0]:
+            raise ValueError("not a tracking URI (expected e.g. sqlite:///runs/mlflow.db or http://host:5000)")
+        return  # a plain folder: MLflow's file store
+    scheme = scheme.split("+")[0]  # postgresql+psycopg2://
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"unknown tracking URI scheme {scheme!r}; allowed: {', '.join(TRACKING_SCHEMES)}")
+    if scheme == "sqlite" and not rest.startswith("/"):
+        raise ValueError("a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db")
+
 
 class Config(_Strict):
     name: str = "run"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     output_dir: str = "runs/run"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -276,29 +354,72 @@ class Config(_Strict):
         # Method names and options are not checked here: the core knows no method. The launcher
         # checks them before any work (launch.recipe.check_config) and each method validates its
         # own options when the recipe builds it.
-        for key in self.search.space:
-            _check_dotted_key(key)
+        for key, entry in self.search.space.items():
+            info = _check_dotted_key(key)
+            if info is not None:
+                ann = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+                check_sampler(key, entry, TypeAdapter(ann))
         return self
 
 
-def _check_dotted_key(key: str) -> None:
-    """A search-space key must name a real config field, or every trial would fail later."""
+def _check_dotted_key(key: str) -> FieldInfo | None:
+    """A search-space key must name a real config field, or every trial would fail later.
+    Returns the field (None for a method option, which the method's own schema checks)."""
     node: Any = Config
     parts = key.split(".")
+    info: FieldInfo | None = None
     for i, part in enumerate(parts):
         if node is dict:
-            return
+            return None
         fields = getattr(node, "model_fields", None)
         if fields is None or part not in fields:
             raise ValueError(f"search.space: {key!r} is not a config key")
-        ann = fields[part].annotation
+        info = fields[part]
+        ann = info.annotation
         if part == "options" and i < len(parts) - 1:
-            return  # method options are checked per trial by the method's own schema
+            return None  # method options are checked per trial by the method's own schema
         node = ann if isinstance(ann, type) else None
         if node is not None and not issubclass(node, BaseModel):
             node = None
     if node is not None and isinstance(node, type) and issubclass(node, BaseModel):
         raise ValueError(f"search.space: {key!r} names a section, not a value")
+    return info
+
+
+def sampler_values(entry: SearchSpaceEntry) -> list[Any]:
+    """The values a sampler can draw that bound its range: every choice, or both ends of a range
+    (``randint`` is Ray Tune's, upper bound exclusive)."""
+    if entry.choice is not None or entry.grid is not None:
+        values = entry.choice if entry.choice is not None else entry.grid
+        if not values:
+            raise ValueError("an empty choice or grid draws nothing")
+        return list(values)
+    if entry.randint is not None:
+        lo, hi = entry.randint
+        if hi <= lo:
+            raise ValueError(f"randint [{lo}, {hi}]: the upper bound (exclusive) must exceed the lower")
+        return [lo, hi - 1]
+    lo, hi = entry.uniform if entry.uniform is not None else entry.loguniform  # type: ignore[misc]
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError(f"[{lo}, {hi}]: need finite bounds with lower < upper")
+    if entry.loguniform is not None and lo <= 0:
+        raise ValueError(f"loguniform [{lo}, {hi}]: bounds must be positive")
+    return [lo, hi]
+
+
+def check_sampler(key: str, entry: SearchSpaceEntry, field: TypeAdapter) -> None:
+    """Every value ``entry`` can draw passes ``field``'s validation, up front: otherwise the
+    search would learn it only as failed trials."""
+    try:
+        values = sampler_values(entry)
+    except ValueError as err:
+        raise ValueError(f"search.space.{key}: {err}") from None
+    for value in values:
+        try:
+            field.validate_python(value)
+        except ValidationError as err:
+            msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"search.space.{key}: can draw {value!r}: {msg}") from None
 
 
 def format_error(err: ValidationError, prefix: str = "") -> str:
@@ -326,13 +447,32 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"override {key}") if raw.strip() else ""
+    except ConfigError as err:
+        if "not valid YAML" not in str(err):
+            raise  # an alias or a duplicate key is refused here as in a file
+        value = raw  # a plain string that only looks like broken YAML
     return key, value
 
 
+SPACE_PREFIX = "search.space."
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping. ``search.space.<config key>`` is special: the search
+    space is keyed by dotted config keys, so everything after ``search.space.`` is one key
+    (``search.space.prune.prune_ratio={uniform: [0.3, 0.6]}``); ``=null`` removes that entry."""
+    if key.startswith(SPACE_PREFIX) and len(key) > len(SPACE_PREFIX):
+        search = tree.setdefault("search", {})
+        space = search.setdefault("space", {}) if isinstance(search, dict) else None
+        if not isinstance(space, dict):
+            raise ConfigError(f"{key}: search.space is not a section")
+        name = key.removeprefix(SPACE_PREFIX)
+        if value is None:
+            space.pop(name, None)
+        else:
+            space[name] = value
+        return
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:
@@ -359,14 +499,12 @@ def build_config(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read a YAML file and apply overrides (``["a.b=1", ...]`` or ``{"a.b": 1}``)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+    what = f"config file {str(path)!r}"
+    raw = parse_yaml(read_text_file(path, what, MAX_CONFIG_BYTES, ConfigError), what)
+    if raw is None:
+        raise ConfigError(f"{what} is empty; a config names at least one setting (see configs/demo.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{what} must hold a mapping at the top level")
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     return build_config(raw, overrides)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import pickle
+import warnings
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import ARCHS
+from pipeline.config import ARCHS, ConfigError
+
+# ImageNet-21k has 21,841 classes; a class count far beyond that is a doctored manifest or spec,
+# and its classifier alone would take gigabytes (2048 x 1e9 floats).
+MAX_CLASSES = 100_000
 
 
 class WeightsError(ValueError):
@@ -24,38 +28,80 @@ def build_model(arch: str, num_classes: int, weights: str | Path | None = None) 
     weights, 10 classes) is left freshly initialised; any other mismatch is an error.
     """
     if arch not in ARCHS:
-        raise ValueError(f"model.arch = {arch!r}: allowed values are {', '.join(ARCHS)}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes = {num_classes}: need at least 2")
+        raise ConfigError(f"model.arch = {arch!r}: allowed values are {', '.join(ARCHS)}")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 2 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"num_classes = {num_classes!r} (from the dataset's manifest): "
+                          f"a model needs 2..{MAX_CLASSES} classes")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"model.weights: {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def check_weights_path(path: str | Path, what: str = "model.weights") -> None:
+    """A weights path that exists and is a non-empty regular file (not a folder, not a device)."""
+    _check_path(Path(path), what)
 
-        return load_file(str(path))
+
+def _check_path(path: Path, what: str) -> None:
+    if not path.exists():
+        raise WeightsError(f"{what}: {str(path)!r} does not exist")
+    if path.is_dir():
+        raise WeightsError(f"{what}: {str(path)!r} is a folder, not a weights file")
+    if not path.is_file():
+        raise WeightsError(f"{what}: {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{what}: {str(path)!r} is empty")
+
+
+def read_safetensors(path: str | Path, what: str = "model.weights") -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors; anything else (text, a pickle, a sparse or truncated
+    file) is a one-line WeightsError naming ``what``, and so is a NaN or infinite value."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    _check_path(path, what)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any global that is not a tensor/container: that is the point.
-        raise WeightsError(
-            f"model.weights: {str(path)!r} is not a plain weights file (refused to unpickle: "
-            f"{str(err).splitlines()[0][:120]})"
-        ) from None
+        state = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a safetensors file"
+        raise WeightsError(f"{what}: {str(path)!r} is not a valid safetensors file "
+                           f"({str(err).splitlines()[0][:100]})") from None
+    check_finite(state, path, what)
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """NaN or infinite weights train to a NaN loss that still exits 0: refuse them when loaded."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{what}: {str(path)!r} has NaN or infinite values in {key}")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a local weights file: ``.safetensors``, or a plain ``.pt``/``.pth``
+    read with ``torch.load(weights_only=True)`` (which refuses any pickled object that is not a
+    tensor or a container; that refusal is the point). One-line WeightsError otherwise."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    _check_path(path, "model.weights")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own warnings would land mid-line in our message
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - UnpicklingError, RuntimeError, KeyError, EOFError: the same answer
+        # torch's message advises weights_only=False, i.e. running the file's code: never pass that on
+        raise WeightsError(f"model.weights: {str(path)!r} is not a plain weights file (a state dict of tensors "
+                           "saved by torch.save, or .safetensors): refused to unpickle it") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"model.weights: {str(path)!r} does not hold a state dict of tensors")
     # checkpoints written from a DDP model carry a "module." prefix
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    check_finite(state, path, "model.weights")
+    return state
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

@@ -14,15 +14,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.config import ARCHS
-from pipeline.models import build_model
+from pipeline.models import MAX_CLASSES, build_model, read_safetensors
+from pipeline.textfiles import read_text_file
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "prunepipe.pruned-model/1"
+MAX_SPEC_BYTES = 4 << 20  # a ResNet-152 spec is about 60 KB
+IMAGE_SIZES = (8, 1024)  # data.image_size's bounds: a spec cannot ask `show` for more
 
 
 class SpecError(ValueError):
@@ -51,38 +55,88 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """The architecture a spec describes, with uninitialised weights of the pruned shapes."""
+def _base_shapes(arch: str) -> dict[str, dict[str, int]]:
+    """The dense architecture's layer shapes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return layer_shapes(build_model(arch, 2))
+
+
+def validate_spec(spec: dict[str, Any]) -> None:
+    """Everything about a spec, before anything is built for real: format, architecture, class
+    count and image size in bounds, every layer of the base architecture with integer shapes no
+    wider than the base's (so a doctored spec cannot make a loader allocate gigabytes), and
+    widths that connect (a forward pass on PyTorch's meta device, which allocates nothing)."""
     if spec.get("format") != FORMAT:
         raise SpecError(f"spec.format: expected {FORMAT!r}, got {spec.get('format')!r}")
-    if spec.get("arch") not in ARCHS:
-        raise SpecError(f"spec.arch: {spec.get('arch')!r} is not one of {', '.join(ARCHS)}")
+    arch = spec.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise SpecError(f"spec.arch: {arch!r} is not one of {', '.join(ARCHS)}")
     num_classes = _positive_int(spec.get("num_classes"), "spec.num_classes")
-    model = build_model(spec["arch"], num_classes)
+    if not 2 <= num_classes <= MAX_CLASSES:
+        raise SpecError(f"spec.num_classes: {num_classes} is outside 2..{MAX_CLASSES}")
+    size = spec.get("image_size", 224)
+    if _positive_int(size, "spec.image_size") and not IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1]:
+        raise SpecError(f"spec.image_size: {size} is outside {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}")
+    metrics = spec.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise SpecError("spec.metrics: expected a mapping of metric name to number")
+    for k, v in metrics.items():
+        if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+            raise SpecError(f"spec.metrics.{k}: expected a number, got {v!r}")
     layers = spec.get("layers")
     if not isinstance(layers, dict):
         raise SpecError("spec.layers: expected a mapping of layer name to shape")
-    own = dict(model.named_modules())
-    if set(layers) != set(layer_shapes(model)):
-        raise SpecError(f"spec.layers: layer names do not match {spec['arch']}")
+    base = _base_shapes(arch)
+    if set(layers) != set(base):
+        raise SpecError(f"spec.layers: layer names do not match {arch}")
     for name, shape in layers.items():
+        where = f"spec.layers.{name}"
+        if not isinstance(shape, dict) or set(shape) != set(base[name]):
+            raise SpecError(f"{where}: expected a mapping with keys {', '.join(sorted(base[name]))}")
+        for key, dense in base[name].items():
+            value = _positive_int(shape[key], f"{where}.{key}")
+            if key == "groups" and value != dense:
+                raise SpecError(f"{where}.groups: {value}; {arch} has {dense} here")
+            if name == "fc" and key == "out":
+                if value != num_classes:
+                    raise SpecError(f"{where}.out: {value}; spec.num_classes is {num_classes}")
+            elif value > dense:
+                raise SpecError(f"{where}.{key}: {value} is wider than {arch}'s {dense}")
+    try:
+        with torch.device("meta"), torch.no_grad():
+            _assemble(spec).eval()(torch.empty(1, 3, size, size))
+    except RuntimeError as err:
+        raise SpecError(f"spec.layers: the widths do not connect ({str(err).splitlines()[0][:120]})") from None
+
+
+def _assemble(spec: dict[str, Any]) -> nn.Module:
+    """The base model with every layer resized to the (validated) spec's shapes."""
+    model = build_model(spec["arch"], spec["num_classes"])
+    own = dict(model.named_modules())
+    for name, shape in spec["layers"].items():
         old = own[name]
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        where = f"spec.layers.{name}"
         if isinstance(old, nn.Conv2d):
-            cin, cout, groups = (_positive_int(shape.get(k), f"{where}.{k}") for k in ("in", "out", "groups"))
+            cin, cout, groups = shape["in"], shape["out"], shape["groups"]
             if cin % groups or cout % groups:
-                raise SpecError(f"{where}: in/out channels must be divisible by groups={groups}")
+                raise SpecError(f"spec.layers.{name}: in/out channels must be divisible by groups={groups}")
             new: nn.Module = nn.Conv2d(
                 cin, cout, old.kernel_size, old.stride, old.padding, old.dilation, groups, old.bias is not None
             )
         elif isinstance(old, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(_positive_int(shape.get("features"), f"{where}.features"))
+            new = nn.BatchNorm2d(shape["features"])
         else:
-            new = nn.Linear(_positive_int(shape.get("in"), f"{where}.in"), _positive_int(shape.get("out"), f"{where}.out"))
+            new = nn.Linear(shape["in"], shape["out"])
         setattr(parent, attr, new)
     return model
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The architecture a spec describes, with uninitialised weights of the pruned shapes
+    (the spec is validated in full first: :func:`validate_spec`)."""
+    validate_spec(spec)
+    return _assemble(spec)
 
 
 def save_pruned(model: nn.Module, folder: str | Path, spec: dict[str, Any]) -> Path:
@@ -98,11 +152,12 @@ def save_pruned(model: nn.Module, folder: str | Path, spec: dict[str, Any]) -> P
 def read_spec(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / SPEC_FILE
-    if not path.is_file():
+    if not path.exists():
         raise SpecError(f"{str(folder)!r} is not a pruned model: {SPEC_FILE} is missing")
+    text = read_text_file(path, repr(str(path)), MAX_SPEC_BYTES, SpecError)
     try:
-        spec = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        spec = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
         raise SpecError(f"{str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(spec, dict):
         raise SpecError(f"{str(path)!r} must hold a JSON object")
@@ -117,7 +172,12 @@ def load_pruned(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not weights.is_file():
         raise SpecError(f"{str(folder)!r} is not a pruned model: {WEIGHTS_FILE} is missing")
     model = build_from_spec(spec)
-    state = load_file(str(weights))
+    # a sparse or padded file would be read in full before its shapes are compared: its size
+    # must fit the spec's tensors (float32 at most, plus the header) first
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weights.stat().st_size > need + MAX_SPEC_BYTES:
+        raise SpecError(f"{str(weights)!r} is {weights.stat().st_size} bytes; its spec's tensors take {need}")
+    state = read_safetensors(weights, str(weights))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
