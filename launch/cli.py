@@ -83,7 +83,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
     cfg = ensure_baseline(cfg)
-    result = run_search(cfg)
+    result = run_search(cfg, verbose=args.verbose)
     print()
     print(format_table(result["rows"], result["best"], result.get("why")))
     if result.get("plot"):
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search search.space with Ray Tune (each trial a multi-worker DDP job), "
                        "print a table, register the best model as 'challenger'.")
     _add_config_args(p)
+    p.add_argument("--verbose", action="store_true", help="show every worker's output and Ray's status box (by "
+                   "default one line per trial event; the full logs are in each trial's logs/ folder and MLflow run)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("show", help="describe a pruned model", description="Load a pruned model from a folder or "

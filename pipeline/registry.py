@@ -25,6 +25,8 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 # metrics copied onto a registered version as tags, so `promote` and users see them there
 # the run tag naming the trial's logged pyfunc model (MLflow 3 logged-model id)
 MODEL_ID_TAG = "prunepipe.model_id"
+# a trial run's folder (its worker logs) and its Tune trial id, for the search that ends it
+OUTPUT_DIR_TAG, TRIAL_TAG = "prunepipe.output_dir", "prunepipe.trial"
 # MLflow 3's UI opens an experiment without this tag on the GenAI traces overview
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
