@@ -78,14 +78,15 @@ def log_dataset(root: str | Path, split: str, manifest: dict[str, Any]) -> None:
     """The shards' folder as an MLflow dataset input of the active run (``context`` = split).
 
     Only metadata is logged (:class:`mlflow.data.meta_dataset.MetaDataset`): its digest is the
-    manifest's, so two runs on the same shards show the same dataset."""
+    manifest's and the split's (MLflow keeps one input per digest in a run), so two runs on the
+    same shards show the same datasets."""
     import hashlib
     import json
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([manifest, split], sort_keys=True, default=str).encode()).hexdigest()[:16]
     name = str(manifest.get("name") or Path(root).name)
     ds = MetaDataset(source=resolve_dataset_source(str(Path(root).resolve())), name=name, digest=digest)
     mlflow.log_input(ds, context=split)
