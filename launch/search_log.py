@@ -36,7 +36,9 @@ def tee_output(folder: str | Path) -> Path:
     sys.stdout.flush()
     sys.stderr.flush()
     # `tee` outlives nothing: it ends when this process's copies of the pipe close (its exit)
-    tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=os.dup(1), close_fds=True)
+    where = os.dup(1)
+    tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=where, close_fds=True)
+    os.close(where)
     for fd in (1, 2):
         os.dup2(tee.stdin.fileno(), fd)
     return path

@@ -51,7 +51,10 @@ def build_card(spec: dict[str, Any], run_id: str | None = None, measured: dict[s
     if (measured or {}).get("remeasured"):
         speed += ", re-measured alone after the search"
     lines = [
-        f"## {spec['arch']} pruned with `{prune.get('method', '?')}`",
+        # plain text first: the registry's versions table previews a description's first line raw
+        f"{spec['arch']} pruned with {prune.get('method', '?')}: top-1 {_pct(m.get('val_top1'))} "
+        f"(dense {_pct(m.get('dense_val_top1'))}), MACs −{_pct(m.get('macs_reduction'))}, "
+        f"{_num(m.get('speedup'), '.2f')}x measured",
         "",
         "| | pruned | dense |",
         "|---|---|---|",

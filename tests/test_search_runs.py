@@ -98,6 +98,7 @@ def test_model_card_holds_what_a_person_needs():
                    "−90.0%", "1.70x", "1.40–1.60", "re-measured alone", "plots/widths.png",
                    "mlflow artifacts download -r RUN1 -a config/trial.yaml", "prunepipe prune config/trial.yaml"):
         assert needle in card, needle
+    assert card.splitlines()[0] == "resnet18 pruned with lossvar: top-1 91.0% (dense 95.0%), MACs −60.0%, 1.70x measured"
     assert "noisy" not in card
     assert "noisy" in build_card({**spec, "metrics": {**spec["metrics"], "speed_reliable": 0.0}})
     with pytest.raises(ValueError, match="spec.arch"):
