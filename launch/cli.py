@@ -82,7 +82,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
-    cfg = ensure_baseline(cfg)
+    cfg = ensure_baseline(cfg, verbose=args.verbose)
     result = run_search(cfg, verbose=args.verbose)
     print()
     print(format_table(result["rows"], result["best"], result.get("why")))

@@ -300,12 +300,16 @@ def _speed(r: dict[str, Any]) -> str:
 
 def _pretrain_worker(loop_config: dict[str, Any]) -> None:
     from launch.recipe import run_pretrain
+    from launch.search_log import tee_output
 
-    run_pretrain(build_config(loop_config["base"], {}))
+    cfg = build_config(loop_config["base"], {})
+    tee_output(Path(cfg.output_dir) / "baseline")
+    run_pretrain(cfg)
 
 
-def ensure_baseline(cfg: Config) -> Config:
-    """Train the dense baseline once (as a DDP job) unless weights are given or it exists."""
+def ensure_baseline(cfg: Config, verbose: bool = False) -> Config:
+    """Train the dense baseline once (as a DDP job) unless weights are given or it exists;
+    its workers' logs go to ``<output_dir>/baseline/logs/`` (and the console when ``verbose``)."""
     from launch.recipe import baseline_path
 
     if cfg.model.weights is not None or cfg.baseline.epochs == 0:
@@ -315,8 +319,9 @@ def ensure_baseline(cfg: Config) -> Config:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        init_ray(cfg)
-        print(f"[prunepipe] training the dense baseline for {cfg.baseline.epochs} epochs → {path}", flush=True)
+        init_ray(cfg, verbose)
+        print(f"[prunepipe] training the dense baseline for {cfg.baseline.epochs} epochs → {path} "
+              f"(log: {Path(cfg.output_dir) / 'baseline' / 'logs'})", flush=True)
         TorchTrainer(
             _pretrain_worker,
             train_loop_config={"base": config_to_dict(cfg)},

@@ -158,3 +158,10 @@ def pruned_folder(path: Path) -> Path:
         raise RegistryError(f"{path}: expected one pruned-model folder in the pyfunc model's artifacts, "
                             f"found {len(found)}")
     return found[0].parent
+
+
+def version_by_alias(client: MlflowClient, model_name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
