@@ -100,8 +100,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
     check_writable(cfg)
-    cfg = ensure_baseline(cfg)
-    result = run_search(cfg)
+    cfg = ensure_baseline(cfg, verbose=args.verbose)
+    result = run_search(cfg, verbose=args.verbose)
     print()
     print(format_table(result["rows"], result["best"], result.get("why")))
     if result.get("plot"):
@@ -246,6 +246,41 @@ def _log_bench(args: argparse.Namespace, table: str, plot: Path | None) -> None:
             print(f"logged to the run of {src} (run {mv.run_id})")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """ONNX with a dynamic batch, checked against PyTorch, timed in ONNX Runtime against dense;
+    for a ``models:/`` URI also logged to the version's run and its numbers set as version tags."""
+    from pipeline.export import ExportError, export_and_time
+    from pipeline.models import build_model
+
+    if not args.tolerance > 0:
+        raise ConfigError(f"--tolerance {args.tolerance}: must be > 0")
+    model, spec = _load_any(args.model, args.tracking_uri)
+    size = int(spec.get("image_size", 224))
+    name = args.model.removeprefix("models:/").replace("/", "-").replace("@", "-") if args.model.startswith("models:/") \
+        else Path(args.model).resolve().name
+    out = Path(args.out) / f"{name}.onnx"
+    dense = build_model(spec["arch"], int(spec["num_classes"]))
+    try:
+        report = export_and_time(model, dense, size, out, tolerance=args.tolerance, batch_size=args.batch_size,
+                                 rounds=args.rounds, threads=args.threads)
+    except ExportError as err:
+        print(f"prunepipe: error: {err}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if args.model.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from pipeline import registry
+
+        client = MlflowClient(args.tracking_uri) if args.tracking_uri else MlflowClient()
+        mv = registry.resolve_version(client, args.model, args.tracking_uri)
+        client.log_artifact(mv.run_id, str(report.path), artifact_path="export")
+        for key, value in report.metrics().items():
+            client.set_model_version_tag(mv.name, mv.version, key, f"{value:.6g}")
+        print(f"logged export/{report.path.name} to the run of {mv.name} v{mv.version} (run {mv.run_id})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunepipe", description="Filter pruning for ResNet-class models: "
                                      "prune, search with Ray Tune, register with MLflow.")
@@ -293,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Search search.space with Ray Tune (each trial a multi-worker DDP job), "
                        "print a table, register the best model as 'challenger'.")
     _add_config_args(p)
+    p.add_argument("--verbose", action="store_true", help="show every worker's output and Ray's status box (by "
+                   "default one line per trial event; the full logs are in each trial's logs/ folder and MLflow run)")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("show", help="describe a pruned model", description="Load a pruned model from a folder or "
@@ -321,6 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a speed-up vs MACs-reduction plot (PNG) here")
     p.add_argument("--log-mlflow", action="store_true", help="attach the table and plot to each models:/ version's run")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="export a pruned model to ONNX and time it in ONNX Runtime",
+                       description="Write MODEL as ONNX (dynamic batch), check its logits against PyTorch's, and "
+                       "time it against the dense base architecture in ONNX Runtime on the CPU (interleaved rounds). "
+                       "For a models:/ URI the file is logged to the version's run and its numbers set as version tags.")
+    p.add_argument("model", help="a pruned-model folder, or models:/NAME@ALIAS, or models:/NAME/VERSION")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", default=".", help="folder for NAME.onnx and NAME.dense.onnx (default: here)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest |ONNX - PyTorch| logit allowed")
+    p.add_argument("--batch-size", type=int, default=32, choices=range(1, 4097), metavar="N", help="timing batch")
+    p.add_argument("--rounds", type=int, default=12, choices=range(2, 1001), metavar="N")
+    p.add_argument("--threads", type=int, default=None, choices=range(1, 1025), metavar="N",
+                   help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("promote", help="move 'champion' to the challenger if it earns it",
                        description="Promote the 'challenger' version to 'champion' when it is at least as accurate "

@@ -129,7 +129,14 @@ def _print_report(info: DistInfo) -> Reporter:
 
 
 class _TrialLog:
-    """MLflow logging of one trial, on rank 0 only (a no-op elsewhere or when disabled)."""
+    """MLflow logging of one trial, on rank 0 only (a no-op elsewhere or when disabled).
+
+    The run is named by what it is (``l1 r0.40 <name>``, ``lossvar δ0.02 <name>``), nested
+    under the search's parent run when ``PRUNEPIPE_PARENT_RUN_ID`` names one (the search's
+    workers set it), and carries the data as an MLflow dataset input, the full resolved config
+    as ``config/trial.yaml`` and the model as a pyfunc (:mod:`pipeline.pyfunc_model`)."""
+
+    PARENT_ENV = "PRUNEPIPE_PARENT_RUN_ID"
 
     def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
         self.active = info.is_main and cfg.registry.enabled
@@ -137,12 +144,25 @@ class _TrialLog:
         if not self.active:
             return
         from pipeline import registry  # MLflow: only where it is used
+        from pipeline.data.manifest import read_manifest
+        from pipeline.model_card import CONFIG_ARTIFACT
 
         self._registry = registry
         registry.connect(cfg.registry)
-        run = registry.mlflow.start_run(run_name=run_name, tags={"prunepipe.method": cfg.prune.method})
+        method = cfg.prune.method
+        # a method configured by a loss budget (δ) shows it instead of the uniform ratio it ignores
+        delta = (cfg.prune.options.get(method) or {}).get("delta")
+        run = registry.mlflow.start_run(run_name=registry.run_name(method, cfg.prune.prune_ratio, delta, run_name),
+                                        parent_run_id=os.environ.get(self.PARENT_ENV) or None,
+                                        tags={"prunepipe.method": method, registry.TRIAL_TAG: run_name,
+                                              registry.OUTPUT_DIR_TAG: str(cfg.output_dir)})
         self.run_id = run.info.run_id
         registry.log_params(flatten(config_to_dict(cfg)))
+        registry.mlflow.log_dict(config_to_dict(cfg), CONFIG_ARTIFACT)
+        if cfg.data.backend != "synthetic":
+            manifest = read_manifest(cfg.data.root, verify=False)
+            for split in ("train", "val"):
+                registry.log_dataset(cfg.data.root, split, manifest)
 
     def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.active:
@@ -155,7 +175,10 @@ class _TrialLog:
     def finish(self, model_dir: Path, plot: Path | None) -> None:
         if not self.active:
             return
-        self._registry.mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        from pipeline.pyfunc_model import log_pyfunc
+
+        info = log_pyfunc(model_dir)
+        self._registry.mlflow.set_tag(self._registry.MODEL_ID_TAG, info.model_id)
         if plot is not None:
             self.artifact(plot, "plots")
         self._registry.mlflow.end_run()

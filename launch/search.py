@@ -29,8 +29,9 @@ if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
-def init_ray(cfg: Config) -> None:
-    """Start a local Ray (or join RAY_ADDRESS's cluster) unless one is running."""
+def init_ray(cfg: Config, verbose: bool = False) -> None:
+    """Start a local Ray (or join RAY_ADDRESS's cluster) unless one is running; its workers'
+    output reaches this console only when ``verbose`` (it is always in their log files)."""
     import ray
 
     if ray.is_initialized():
@@ -40,14 +41,14 @@ def init_ray(cfg: Config) -> None:
     # and, once the logical CPUs are all held, the next trial waits forever.
     s = cfg.search
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
+        ray.init(configure_logging=False, log_to_driver=verbose)
         return
     # Logical CPUs over-provisioned on small machines: a trial's driver plus its workers must
     # fit, and the last trial's placement group is released a little after it ends; with an
     # exact fit the next trial's worker group waits for it until it times out.
     need = s.max_concurrent * (1 + math.ceil(s.num_workers * s.cpus_per_worker))
     ray.init(num_cpus=s.ray_num_cpus or max(8, 2 * need, os.cpu_count() or 1),
-             configure_logging=False)
+             configure_logging=False, log_to_driver=verbose)
 
 
 def _sampler(entry: SearchSpaceEntry):
@@ -72,9 +73,13 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: the very same recipe as `prunepipe prune`."""
     import ray.train
 
-    from launch.recipe import run_trial
+    from launch.recipe import _TrialLog, run_trial
+    from launch.search_log import tee_output
 
     cfg = build_config(loop_config["base"], loop_config["overrides"])
+    tee_output(cfg.output_dir)  # the full log of this worker, beside the trial's checkpoint
+    if loop_config.get("parent_run_id"):
+        os.environ[_TrialLog.PARENT_ENV] = loop_config["parent_run_id"]  # the trial's run nests under the search's
 
     def report(metrics: dict[str, Any]) -> None:
         metrics = _report_numbers(metrics)
@@ -84,7 +89,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     # run_trial's last report carries "final": 1 ("done" is Tune's own key), sent only after
     # the model is saved and logged
-    run_trial(cfg, report=report, run_name=loop_config["trial_name"])
+    run_trial(cfg, report=report, run_name=loop_config["trial_id"])
 
 
 def _trial_driver(tune_config: dict[str, Any]) -> None:
@@ -96,7 +101,7 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
 
     base = tune_config["__base__"]
     overrides = {k: v for k, v in tune_config.items() if not k.startswith("__")}
-    trial_name = tune.get_context().get_trial_name()
+    trial_name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
     # deterministic per-trial folders: a restarted trial finds its own checkpoint
     overrides["output_dir"] = str(Path(base["output_dir"]) / "trials" / trial_name)
     overrides["name"] = trial_name
@@ -104,7 +109,8 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
     s = cfg.search
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"base": base, "overrides": overrides, "trial_name": trial_name},
+        train_loop_config={"base": base, "overrides": overrides, "trial_name": trial_name, "trial_id": trial_id,
+                           "parent_run_id": tune_config.get("__parent__")},
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.gpus_per_worker > 0,
@@ -126,20 +132,44 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
         tune.report(dict(result.metrics))
 
 
-def run_search(cfg: Config) -> dict[str, Any]:
-    """Search ``cfg.search.space``, register the best trial's model as ``challenger``."""
+def run_search(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+    """Search ``cfg.search.space``, register the best trial's model as ``challenger``; the
+    trials' MLflow runs nest under one parent run that ends with the search."""
+    from launch import search_log
+    from launch.recipe import check_config
+
+    check_config(cfg)  # every method name and option the space may draw, before Ray starts
+    parent = search_log.start_parent(cfg)
+    result, rows = None, []
+    try:
+        rows = _run_trials(cfg, parent, verbose)
+        result = _decide(rows, cfg)
+    except BaseException:
+        if parent:
+            search_log.close_trial_runs(cfg, parent, rows)
+            search_log.finish_parent(cfg, parent, None, None, "FAILED")
+        raise
+    if parent:
+        search_log.close_trial_runs(cfg, parent, rows)
+        search_log.finish_parent(cfg, parent, result, format_table(rows, result["best"], result.get("why")), "FINISHED")
+    result["parent_run_id"] = parent
+    return result
+
+
+def _run_trials(cfg: Config, parent: str | None, verbose: bool) -> list[dict[str, Any]]:
+    """Run the Tune search; one row per trial (its metrics, or how it ended)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from launch.recipe import check_config
+    from launch.search_log import ConsoleView
 
-    check_config(cfg)  # every method name and option the space may draw, before Ray starts
     base = config_to_dict(cfg)
     s = cfg.search
-    init_ray(cfg)
+    init_ray(cfg, verbose)
     param_space: dict[str, Any] = {k: _sampler(v) for k, v in s.space.items()}
     param_space["__base__"] = base
+    param_space["__parent__"] = parent
     max_t = cfg.train.budget_epochs or (cfg.prune.epochs + cfg.train.epochs) or 1
     tuner = tune.Tuner(
         _trial_driver,
@@ -156,7 +186,9 @@ def run_search(cfg: Config) -> dict[str, Any]:
             # the same draws on a rerun; the concurrency limit must be given to the generator itself
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=s.max_concurrent),
         ),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"), verbose=1),
+        # verbose=0: no status box redrawn at every report; ConsoleView prints one line per event
+        run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"),
+                                  verbose=2 if verbose else 0, callbacks=[] if verbose else [ConsoleView(s.metric)]),
     )
     grid = tuner.fit()
     if not os.environ.get("RAY_ADDRESS"):
@@ -183,7 +215,7 @@ def run_search(cfg: Config) -> dict[str, Any]:
                                          "model_dir")},
             }
         )
-    return _decide(rows, cfg)
+    return rows
 
 
 def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, Any]:
@@ -202,11 +234,25 @@ def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, An
     if best is not None and cfg.registry.enabled:
         client = registry.connect(cfg.registry)
         metrics = {k: v for k, v in best.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        version = registry.register(client, cfg.registry.model_name, best["run_id"], metrics)
+        version = registry.register(client, cfg.registry.model_name, best["run_id"], metrics,
+                                    description=_card(best, cfg))
         best["registered"] = f"{cfg.registry.model_name} v{version} @challenger"
         if plot is not None:
             client.log_artifact(best["run_id"], str(plot), artifact_path="search")
     return {"rows": rows, "best": best, "version": version, "why": why, "pareto": front, "plot": plot}
+
+
+def _card(best: dict[str, Any], cfg: Config) -> str:
+    """The chosen trial's model card (its spec from the trial folder; the search's config when
+    that folder is not on this node)."""
+    from pipeline.model_card import build_card
+    from pipeline.spec import SpecError, read_spec
+
+    try:
+        spec = read_spec(best["model_dir"])
+    except (SpecError, TypeError):
+        spec = {"arch": cfg.model.arch, "config": config_to_dict(cfg)}
+    return build_card(spec, best.get("run_id"), best)
 
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, why: str | None = None) -> str:
@@ -254,12 +300,16 @@ def _speed(r: dict[str, Any]) -> str:
 
 def _pretrain_worker(loop_config: dict[str, Any]) -> None:
     from launch.recipe import run_pretrain
+    from launch.search_log import tee_output
 
-    run_pretrain(build_config(loop_config["base"], {}))
+    cfg = build_config(loop_config["base"], {})
+    tee_output(Path(cfg.output_dir) / "baseline")
+    run_pretrain(cfg)
 
 
-def ensure_baseline(cfg: Config) -> Config:
-    """Train the dense baseline once (as a DDP job) unless weights are given or it exists."""
+def ensure_baseline(cfg: Config, verbose: bool = False) -> Config:
+    """Train the dense baseline once (as a DDP job) unless weights are given or it exists;
+    its workers' logs go to ``<output_dir>/baseline/logs/`` (and the console when ``verbose``)."""
     from launch.recipe import baseline_path
 
     if cfg.model.weights is not None or cfg.baseline.epochs == 0:
@@ -269,8 +319,9 @@ def ensure_baseline(cfg: Config) -> Config:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        init_ray(cfg)
-        print(f"[prunepipe] training the dense baseline for {cfg.baseline.epochs} epochs → {path}", flush=True)
+        init_ray(cfg, verbose)
+        print(f"[prunepipe] training the dense baseline for {cfg.baseline.epochs} epochs → {path} "
+              f"(log: {Path(cfg.output_dir) / 'baseline' / 'logs'})", flush=True)
         TorchTrainer(
             _pretrain_worker,
             train_loop_config={"base": config_to_dict(cfg)},

@@ -1,8 +1,10 @@
 """MLflow: one run per trial, registered versions, aliases, promotion.
 
 The embedded default is a local SQLite store with an artifact folder beside it; any tracking
-URI works by config. A registered version's source is the run's ``model/`` folder (JSON spec +
-safetensors), so loading it back never unpickles anything.
+URI works by config. A registered version's source is the trial's logged pyfunc model
+(:mod:`pipeline.pyfunc_model`: models-from-code around the JSON spec + safetensors folder), so
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` take it and loading it back never
+unpickles anything. Runs logged before that flavor existed register their ``model/`` folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from pipeline.config import RegistryConfig
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # metrics copied onto a registered version as tags, so `promote` and users see them there
+# the run tag naming the trial's logged pyfunc model (MLflow 3 logged-model id)
+MODEL_ID_TAG = "prunepipe.model_id"
+# a trial run's folder (its worker logs) and its Tune trial id, for the search that ends it
+OUTPUT_DIR_TAG, TRIAL_TAG = "prunepipe.output_dir", "prunepipe.trial"
+# MLflow 3's UI opens an experiment without this tag on the GenAI traces overview
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
                    "speedup_high", "speed_reliable", "speedup_efficiency")
 
@@ -53,8 +61,35 @@ def connect(cfg: RegistryConfig) -> MlflowClient:
             client.create_experiment(cfg.experiment, artifact_location=Path(root).as_uri() if root else None)
         except MlflowException:
             pass  # another trial created it first
-    mlflow.set_experiment(cfg.experiment)
+    exp = mlflow.set_experiment(cfg.experiment)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return client
+
+
+def run_name(method: str, ratio: float | None, delta: float | None = None, suffix: str = "") -> str:
+    """What a person reads in the runs list: ``lossvar δ0.02`` or ``l1 r0.40`` (δ for the
+    methods that set their rates from a loss budget instead of the uniform ratio)."""
+    knob = f"δ{delta:.3g}" if delta is not None else (f"r{ratio:.2f}" if ratio is not None else "")
+    return " ".join(p for p in (method, knob, suffix) if p)
+
+
+def log_dataset(root: str | Path, split: str, manifest: dict[str, Any]) -> None:
+    """The shards' folder as an MLflow dataset input of the active run (``context`` = split).
+
+    Only metadata is logged (:class:`mlflow.data.meta_dataset.MetaDataset`): its digest is the
+    manifest's and the split's (MLflow keeps one input per digest in a run), so two runs on the
+    same shards show the same datasets."""
+    import hashlib
+    import json
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = hashlib.sha256(json.dumps([manifest, split], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    name = str(manifest.get("name") or Path(root).name)
+    ds = MetaDataset(source=resolve_dataset_source(str(Path(root).resolve())), name=name, digest=digest)
+    mlflow.log_input(ds, context=split)
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -68,15 +103,21 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
 
-def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[str, Any], alias: str = CHALLENGER) -> int:
-    """Register the run's ``model/`` folder as a new version with its metrics, and alias it."""
+def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[str, Any], alias: str = CHALLENGER,
+             description: str | None = None) -> int:
+    """Register the run's pyfunc model (or, for older runs, its ``model/`` folder) as a new
+    version with its metrics as tags and ``description`` (the model card), and alias it."""
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name, description="Pruned models from prunepipe (spec.json + model.safetensors)")
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        client.create_registered_model(model_name, description="Pruned models from prunepipe: MLflow pyfunc around "
+                                       "spec.json + model.safetensors; each version's description is its model card")
+    run = client.get_run(run_id)
+    model_id = run.data.tags.get(MODEL_ID_TAG)
+    source = f"models:/{model_id}" if model_id else f"{run.info.artifact_uri}/model"
     tags = {k: f"{float(metrics[k]):.6g}" for k in VERSION_METRICS if k in metrics}
-    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags)
+    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, model_id=model_id,
+                                     description=description)
     client.set_registered_model_alias(model_name, alias, mv.version)
     return int(mv.version)
 
@@ -101,7 +142,22 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     mv = resolve_version(client, uri, tracking_uri)
     dst = tempfile.mkdtemp(prefix="prunepipe-model-")
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst))
+    return pruned_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst)))
+
+
+def pruned_folder(path: Path) -> Path:
+    """The spec + safetensors folder inside a downloaded version: the pyfunc model keeps it
+    under ``artifacts/`` (MLflow names it after the logged folder); an older version is that
+    folder itself."""
+    from pipeline.spec import SPEC_FILE
+
+    if not (path / "MLmodel").is_file():
+        return path
+    found = sorted((path / "artifacts").glob(f"*/{SPEC_FILE}"))
+    if len(found) != 1:
+        raise RegistryError(f"{path}: expected one pruned-model folder in the pyfunc model's artifacts, "
+                            f"found {len(found)}")
+    return found[0].parent
 
 
 def version_by_alias(client: MlflowClient, model_name: str, alias: str):

@@ -1,0 +1,149 @@
+"""What a person sees of a search: the console view, the parent MLflow run, the workers' logs.
+
+* Console: one line per trial event (start, each epoch's result with the best so far, end)
+  from a Ray Tune callback, instead of Ray's redrawn status box and every worker's output.
+  ``--verbose`` brings those back.
+* Worker logs: every process of a trial tees its stdout/stderr (file descriptors, so C++ and
+  tqdm output too) into ``<trial folder>/logs/<pid>.log``; the search logs them to each
+  trial's MLflow run when it ends.
+* MLflow: one parent run per search, the trials nested under it, the results table, rows and
+  Pareto plot as its artifacts; trial runs that Tune stopped (ASHA) or that failed are ended
+  with that status instead of staying RUNNING forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from pipeline.registry import OUTPUT_DIR_TAG, TRIAL_TAG
+
+LOG_DIR = "logs"
+
+
+def tee_output(folder: str | Path) -> Path:
+    """Copy this process's stdout and stderr into ``folder/logs/<pid>.log`` while they still go
+    where they went (Ray's worker log, which reaches the console only with ``--verbose``)."""
+    path = Path(folder) / LOG_DIR / f"{os.getpid()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # `tee` outlives nothing: it ends when this process's copies of the pipe close (its exit)
+    where = os.dup(1)
+    tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=where, close_fds=True)
+    os.close(where)
+    for fd in (1, 2):
+        os.dup2(tee.stdin.fileno(), fd)
+    return path
+
+
+def label(config: dict[str, Any]) -> str:
+    """``l1 r0.40`` / ``lossvar δ0.02`` from a trial's Tune config (its overrides over ``__base__``)."""
+    from pipeline.registry import run_name
+
+    prune = (config.get("__base__") or {}).get("prune") or {}
+    method = config.get("prune.method", prune.get("method", "?"))
+    ratio = config.get("prune.prune_ratio", prune.get("prune_ratio"))
+    delta = config.get(f"prune.options.{method}.delta", ((prune.get("options") or {}).get(method) or {}).get("delta"))
+    return run_name(method, ratio, delta)
+
+
+class ConsoleView(Callback):
+    """One line per trial event: start, a result (epoch, phase, metric, best so far), the end."""
+
+    def __init__(self, metric: str, print_fn=print) -> None:
+        self.metric, self.print = metric, print_fn
+        self.best: tuple[float, str] | None = None
+        self.final: set[str] = set()
+
+    def _name(self, trial) -> str:
+        return f"{label(trial.config)} [{trial.trial_id}]"
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.print(f"[search] start  {self._name(trial)}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if result.get("final"):
+            self.final.add(trial.trial_id)
+        if isinstance(value, int | float) and (self.best is None or value > self.best[0]):
+            self.best = (float(value), self._name(trial))
+        best = f"   best so far {self.best[0]:.4f} {self.best[1]}" if self.best else ""
+        shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
+        self.print(f"[search] result {self._name(trial)} epoch {result.get('epoch', '?')} "
+                   f"{result.get('phase', '')} {self.metric} {shown}{best}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        how = "done" if trial.trial_id in self.final else "stopped early by the scheduler (ASHA)"
+        self.print(f"[search] end    {self._name(trial)}: {how}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.print(f"[search] FAILED {self._name(trial)}: see {trial.local_path or 'its Ray log'}", flush=True)
+
+
+def start_parent(cfg) -> str | None:
+    """The search's parent MLflow run (None when the registry is off); its id is handed to the
+    trials, which nest under it."""
+    if not cfg.registry.enabled:
+        return None
+    from pipeline import registry
+
+    client = registry.connect(cfg.registry)
+    space = {k: v.model_dump(exclude_none=True) for k, v in cfg.search.space.items()}
+    # created through the client, not started: it must stay RUNNING while the trials (other
+    # processes) log under it, and not become this process's active run
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    run = client.create_run(exp.experiment_id, run_name=f"search {cfg.name}", tags={"prunepipe.kind": "search"})
+    for key, value in {"search.space": json.dumps(space), "search.num_samples": cfg.search.num_samples,
+                       "search.metric": cfg.search.metric, "prune.method": cfg.prune.method}.items():
+        client.log_param(run.info.run_id, key, str(value)[:500])
+    return run.info.run_id
+
+
+def close_trial_runs(cfg, parent: str, rows: list[dict[str, Any]]) -> int:
+    """End every child run still RUNNING (a stopped trial's process was killed before it could)
+    and attach each trial's worker logs; returns how many runs were ended here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.registry.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    status_of = {r["trial"]: r["status"] for r in rows}
+    ended = 0
+    for run in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=10000):
+        folder = run.data.tags.get(OUTPUT_DIR_TAG)
+        if folder and (Path(folder) / LOG_DIR).is_dir():
+            client.log_artifacts(run.info.run_id, str(Path(folder) / LOG_DIR), artifact_path=LOG_DIR)
+        if run.info.status == "RUNNING":
+            status = "FAILED" if status_of.get(run.data.tags.get(TRIAL_TAG)) == "error" else "KILLED"
+            client.set_tag(run.info.run_id, "prunepipe.ended_by", "search (trial stopped or failed before ending its run)")
+            client.set_terminated(run.info.run_id, status)
+            ended += 1
+    return ended
+
+
+def finish_parent(cfg, parent: str, result: dict[str, Any] | None, table: str | None, status: str) -> None:
+    """Attach the results table, rows and Pareto plot to the parent run and end it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.registry.tracking_uri)
+    if result is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "results.md").write_text((table or "") + "\n")
+            (Path(tmp) / "results.json").write_text(json.dumps(result["rows"], indent=1, default=str))
+            client.log_artifacts(parent, tmp, artifact_path="search")
+        if result.get("plot"):
+            client.log_artifact(parent, str(result["plot"]), artifact_path="search")
+        best = result.get("best")
+        if best is not None:
+            for key in ("val_top1", "speedup", "macs_reduction"):
+                if isinstance(best.get(key), int | float):
+                    client.log_metric(parent, f"best_{key}", float(best[key]))
+            client.set_tag(parent, "prunepipe.best_run", str(best.get("run_id")))
+    client.set_terminated(parent, status)
