@@ -3,8 +3,6 @@ line, from a config and by default, the boundary of that tolerance, and the refu
 accurate but slower challenger. Timing is injected (a clock proportional to MACs, from
 tests/test_registry.py) so the decision does not depend on this machine's speed or load."""
 
-import functools
-
 import pytest
 import yaml
 
@@ -23,7 +21,13 @@ def champion_store(tmp_path, monkeypatch):
     """A store whose champion is a 30 %-pruned resnet50 at top-1 0.90; `compare` gets the MACs clock."""
     import mlflow
 
-    monkeypatch.setattr(pipeline.promote, "compare", functools.partial(pipeline.measure.compare, timer=macs_timer()))
+    clock = macs_timer()
+
+    def compare_on_the_macs_clock(*args, timer=None, **kwargs):
+        # the CLI passes no timer (it would time on this machine's clock): give it the MACs clock
+        return pipeline.measure.compare(*args, timer=timer or clock, **kwargs)
+
+    monkeypatch.setattr(pipeline.promote, "compare", compare_on_the_macs_clock)
     cfg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t", model_name="m")
     client = registry.connect(cfg)
     run, _ = _logged_model(tmp_path, 0.3, 0.90, "champ")
