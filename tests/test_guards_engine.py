@@ -76,3 +76,31 @@ def test_weight_decay_moves_only_decayed_parameters_and_schedule_keeps_lr_ratio(
         sched.step()
         lr = _group_of(opt, model[0].weight)["lr"]
         assert _group_of(opt, gate)["lr"] == pytest.approx(4.0 * lr)
+
+
+def test_nesterov_only_with_momentum_and_only_when_asked():
+    model = torch.nn.Linear(3, 2)
+    assert not make_optimizer(model, 0.1, 0.9, False, 0.0).defaults["nesterov"]
+    # SGD refuses Nesterov without momentum: asked for with momentum 0, it is quietly off
+    assert not make_optimizer(model, 0.1, 0.0, True, 0.0).defaults["nesterov"]
+
+
+def test_cosine_schedule_warms_up_linearly_then_follows_the_half_cosine_to_zero():
+    import math
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    total, warm = 20, 4
+    sched = cosine_schedule(opt, total_steps=total, warmup_steps=warm)
+    seen = []
+    for _ in range(total + 3):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for step, lr in enumerate(seen):
+        if step < warm:
+            want = (step + 1) / warm
+        else:
+            want = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / (total - warm))))
+        assert lr == pytest.approx(want, abs=1e-12), step
+    assert seen[warm] == pytest.approx(1.0) and seen[total] == pytest.approx(0.0, abs=1e-12)
+    assert seen[warm + (total - warm) // 2] == pytest.approx(0.5)
