@@ -27,6 +27,24 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path, digits_root):
     r = json.loads(out.read_text())
     assert r["world"] == 2
     assert r["trained"], "weights did not change"
+    # what each rank trained on: the count its reader promised, the same on both ranks, one step a batch
+    r0, r1 = r["ranks"]
+    for rank in (r0, r1):
+        assert rank["samples_seen"] == rank["declared"] > 0
+        assert rank["steps"] == rank["batches"] > 0
+    assert r0["samples_seen"] == r1["samples_seen"] and r0["steps"] == r1["steps"]
+    from pipeline.data.manifest import read_manifest
+
+    train_shards = read_manifest(digits_root)["splits"]["train"]
+    total = sum(s["count"] for s in train_shards)
+    seen = r0["samples_seen"] + r1["samples_seen"]
+    assert total - max(s["count"] for s in train_shards) < seen <= total  # the equal quota drops < 1 shard
+    # train_top1/loss are over both ranks' samples (all-reduced): equal on both ranks, and
+    # top-1 is a whole number of correct samples out of all seen
+    assert r0["train_top1"] == r1["train_top1"] and r0["train_loss"] == r1["train_loss"]
+    assert 0.0 <= r0["train_top1"] <= 1.0 and r0["train_loss"] > 0
+    correct = r0["train_top1"] * seen
+    assert abs(correct - round(correct)) < 1e-6, (r0["train_top1"], seen)
     assert r["weights_equal"], "DDP ranks diverged"
     assert r["grads_equal"], "all-reduced gradients differ between ranks"
     from methods import method_names

@@ -20,6 +20,22 @@ from pipeline.engine import make_optimizer, train_epoch  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
 
 
+class _Counting:
+    """A loader that counts the samples it hands out (what this rank really trained on)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.samples = loader, 0
+        self.errors = getattr(loader, "errors", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            self.samples += labels.numel()
+            yield images, labels
+
+
 class _First:
     """The first ``n`` batches of a loader (the same count on every rank)."""
 
@@ -80,11 +96,17 @@ def main(out: str, data_root: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
+    initial = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     loader = build_loader(cfg, "train", info.rank, info.world, info.device, seed=0)
+    counting = _Counting(loader)
     backend = ddp_backend(model, info)
-    stats = train_epoch(backend, loader, info)
+    stats = train_epoch(backend, counting, info)
     net = backend.module
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+    per_rank: list = [None] * info.world
+    dist.all_gather_object(per_rank, {"samples_seen": counting.samples, "declared": loader._dataset.rank_count(),
+                                      "steps": stats["steps"], "batches": len(loader),
+                                      "train_top1": stats["train_top1"], "train_loss": stats["train_loss"]})
     grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     gathered = [torch.zeros_like(flat) for _ in range(info.world)]
     dist.all_gather(gathered, flat)
@@ -104,9 +126,9 @@ def main(out: str, data_root: str) -> None:
             "world": info.world,
             "weights_equal": all(torch.equal(gathered[0], g) for g in gathered),
             "grads_equal": all(torch.allclose(ggrads[0], g, atol=1e-7) for g in ggrads),
-            "trained": not torch.equal(flat, torch.cat([p.flatten() for p in torchvision.models.resnet18(num_classes=10).parameters()])),
-            "samples_seen": loader._dataset.rank_count(),
-            "train_top1": stats["train_top1"],
+            # against this rank's own weights before the first step (not a model built later)
+            "trained": not torch.equal(flat, initial),
+            "ranks": per_rank,
             "masks_equal": masks_ok,
             "lossvar_masks": lossvar_masks,
         }))
