@@ -118,3 +118,15 @@ def test_deepspeed_config_needs_the_deepspeed_backend(tmp_path):
     path.write_text("{}")
     with pytest.raises(ConfigError, match="train.deepspeed_config: needs train.backend=deepspeed"):
         load_config(DEMO, [f"train.deepspeed_config={path}"])
+
+
+def test_epoch_budget_is_checked_with_the_config_not_inside_the_trial():
+    """``train.budget_epochs`` must exceed a training-aware method's ``prune.epochs``: refused by
+    the validation every command runs first (before loaders, model or MLflow run exist); a
+    one-shot method has no pruning epochs, so the same budget is fine for it."""
+    from launch.recipe import check_config
+    from pipeline.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="train.budget_epochs"):
+        check_config(build_config({"prune": {"method": "sfp", "epochs": 3}, "train": {"budget_epochs": 3}}))
+    check_config(build_config({"prune": {"method": "l1", "epochs": 3}, "train": {"budget_epochs": 3}}))
