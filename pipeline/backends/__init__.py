@@ -4,7 +4,7 @@ The engine trains through a :class:`TrainingBackend` and never asks which one ru
 and every pruning method see only ``backend.module`` (the plain ``nn.Module`` whose parameters
 are trained) and ``backend.optimizer``. A backend owns what differs between the two: wrapping
 the model and optimizer, the gradient-accumulation details (DDP's ``no_sync``, DeepSpeed's
-boundary flag), backward + step (+ loss scaling, clipping, the LR schedule's step), making the
+boundary flag), backward + step (+ loss scaling, clipping), making the
 optimizer see parameters a method hook edited in place, and the optimizer state for checkpoints.
 
 Backends are registered by name in :data:`BACKENDS` ("module:Class", imported on first use, so
@@ -56,7 +56,8 @@ class TrainingBackend(Protocol):
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None
     ) -> None:
-        """Take over ``model``, ``optimizer`` and ``scheduler`` (stepped once per optimizer step)."""
+        """Take over ``model``, ``optimizer`` and ``scheduler`` (the engine passes None: it steps the
+        schedule itself, after the method's hook; a scheduler given here is stepped per optimizer step)."""
 
     def accumulate(self, boundary: bool) -> AbstractContextManager[None]:
         """Context for one micro-batch's forward and backward; ``boundary``: the optimizer steps after it."""

@@ -1,7 +1,8 @@
 """DeepSpeed (ZeRO stage 0, 1 or 2): DeepSpeed owns backward, step, loss scaling and clipping.
 
-prunepipe's own SGD (its parameter groups and per-parameter learning rates) and its own LR
-schedule are handed to ``deepspeed.initialize``, so the schedule is the DDP one, step for step.
+prunepipe's own SGD (its parameter groups and per-parameter learning rates) is handed to
+``deepspeed.initialize``; the LR schedule is stepped by the engine after each optimizer step and
+the method's hook (so a proximal step uses its own step's lr), exactly as under DDP.
 Mixed precision is DeepSpeed's ``torch_autocast`` (fp32 weights, as DDP's AMP), see
 :mod:`pipeline.backends.deepspeed_config`.
 

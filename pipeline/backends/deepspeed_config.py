@@ -24,7 +24,7 @@ OWNED_KEYS: dict[str, str] = {
     "train_micro_batch_size_per_gpu": "data.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
     "optimizer": "train.lr, train.momentum, ... (prunepipe's SGD is handed to DeepSpeed)",
-    "scheduler": "train.warmup_epochs (prunepipe's cosine schedule is handed to DeepSpeed)",
+    "scheduler": "train.schedule, train.warmup_epochs (the engine steps prunepipe's schedule itself)",
     # low-precision weights would make the module's parameters differ from the fp32 masters,
     # which method hooks and checkpoints rely on being equal; train.amp uses torch_autocast
     "fp16": "train.amp",
