@@ -98,7 +98,13 @@ def discard_trial(folder: Path) -> None:
 
 
 def _probe(folder: Path, key: str) -> None:
-    """Create ``folder`` and write and remove a file in it; ConfigError naming ``key`` if not possible."""
+    """Create ``folder`` and write and remove a file in it; ConfigError naming ``key`` if not
+    possible. Folders the probe had to create are removed again: a run that then stops on bad
+    input (a doctored manifest, say) leaves nothing behind."""
+    created, p = [], folder
+    while not p.exists() and p != p.parent:
+        created.append(p)  # deepest first
+        p = p.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".prunepipe-write-test.")
@@ -106,6 +112,12 @@ def _probe(folder: Path, key: str) -> None:
         os.unlink(tmp)
     except OSError as err:
         raise ConfigError(f"{key}: {str(folder)!r} is not writable ({err.strerror})") from None
+    finally:
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break  # something else wrote there meanwhile: leave it
 
 
 def check_writable(cfg: Config) -> None:

@@ -157,12 +157,17 @@ class _TrialLog:
                                         tags={"prunepipe.method": method, registry.TRIAL_TAG: run_name,
                                               registry.OUTPUT_DIR_TAG: str(cfg.output_dir)})
         self.run_id = run.info.run_id
-        registry.log_params(flatten(config_to_dict(cfg)))
-        registry.mlflow.log_dict(config_to_dict(cfg), CONFIG_ARTIFACT)
-        if cfg.data.backend != "synthetic":
-            manifest = read_manifest(cfg.data.root, verify=False)
-            for split in ("train", "val"):
-                registry.log_dataset(cfg.data.root, split, manifest)
+        try:
+            registry.log_params(flatten(config_to_dict(cfg)))
+            registry.mlflow.log_dict(config_to_dict(cfg), CONFIG_ARTIFACT)
+            if cfg.data.backend != "synthetic":
+                manifest = read_manifest(cfg.data.root, verify=False)
+                for split in ("train", "val"):
+                    registry.log_dataset(cfg.data.root, split, manifest)
+        except BaseException:
+            # the run is this process's active run: left open, every later start_run would fail
+            self.end("FAILED")
+            raise
 
     def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.active:

@@ -57,6 +57,11 @@ class StagedForward:
         self.probes = 0
         self._pos: int | None = None
         self._acts: list[torch.Tensor] = []
+        self._total = self._samples()  # the whole calibration set, over all ranks
+        if info is not None and info.distributed:
+            n = torch.tensor([self._total], dtype=torch.int64, device=next(model.parameters()).device)
+            dist.all_reduce(n)
+            self._total = int(n.item())
 
     @torch.no_grad()
     def _matches(self, stages: list[Stage]) -> bool:
@@ -112,24 +117,36 @@ class StagedForward:
         """Mean calibration loss, running stages ``start..end`` on the cached activations
         (``prepare(start)`` first); summed over ranks in float64, so every rank decides alike.
 
-        ``fraction`` < 1: only the first that share of every batch (a cheaper, noisier estimate
-        for a coarse search; the same samples each time, so estimates compare with each other).
+        ``fraction`` < 1: only the first ``ceil(fraction × total)`` samples of the calibration
+        set's draw (a cheaper, noisier estimate for a coarse search; the same samples each time).
+        The calibration set's layout (:func:`pipeline.data.loaders.calibration_set`) puts draw
+        sample ``i`` on rank ``i % world``, in order, so that prefix is a prefix of every rank's
+        share and the subset, like the full set, is the same whatever the number of ranks.
+        Per-sample losses are summed in float64, so the batch split does not change the sum.
         """
         assert self._pos == start, "prepare(start) must come first"
         self.probes += 1
         device = next(self.model.parameters()).device
         acc = torch.zeros(2, dtype=torch.float64, device=device)
+        left = self._share(math.ceil(fraction * self._total)) if fraction < 1 else self._samples()
         for a, (_, y) in zip(self._acts, self.calib, strict=True):
-            n = max(1, math.ceil(fraction * y.numel()))
-            a, y = a[:n], y[:n]
+            if left <= 0:
+                break
+            a, y = a[:left], y[:left]
+            left -= y.numel()
             for _, fn in self.stages[start:]:
                 a = fn(a)
-            acc[0] += F.cross_entropy(a.float(), y, reduction="sum").double()
+            acc[0] += F.cross_entropy(a.float(), y, reduction="none").double().sum()
             acc[1] += y.numel()
         self.work_macs += sum(self._stage_macs[start:]) * float(acc[1])
         if self.info is not None and self.info.distributed:
             dist.all_reduce(acc)
         return float(acc[0] / acc[1].clamp_min(1))
+
+    def _share(self, first: int) -> int:
+        """How many of the draw's first ``first`` samples this rank holds (sample i: rank i % world)."""
+        rank, world = (self.info.rank, self.info.world) if self.info is not None else (0, 1)
+        return max(0, -(-(first - rank) // world))
 
     def _samples(self) -> int:
         return sum(int(y.numel()) for _, y in self.calib)

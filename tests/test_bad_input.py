@@ -485,7 +485,8 @@ def test_a_crashing_trial_ends_its_run_failed(tmp_path, monkeypatch):
 
     from launch import recipe
 
-    cfg = load_config(DEMO, [f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    cfg = load_config(DEMO, [f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                             "data.backend=synthetic"])
     log = recipe._TrialLog(cfg, SOLO, "crash")
 
     def boom():

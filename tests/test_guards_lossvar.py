@@ -44,14 +44,14 @@ def searched(fitted):
     with pytest.MonkeyPatch.context() as mp:
         loss_from, loss_masked = StagedForward.loss_from, LossVariation._loss_masked
 
-        def counting_loss_from(self, start):
+        def counting_loss_from(self, start, *args):
             nonlocal evaluated
             evaluated += 1
-            return loss_from(self, start)
+            return loss_from(self, start, *args)
 
-        def recording_loss_masked(self, model, ctx, g, order, k):
-            asked.append((g.name, k))
-            return loss_masked(self, model, ctx, g, order, k)
+        def recording_loss_masked(self, model, ctx, g, order, k, *args):
+            asked.append((g.name, k, *args))
+            return loss_masked(self, model, ctx, g, order, k, *args)
 
         mp.setattr(StagedForward, "loss_from", counting_loss_from)
         mp.setattr(LossVariation, "_loss_masked", recording_loss_masked)
