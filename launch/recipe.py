@@ -137,6 +137,7 @@ class _TrialLog:
     as ``config/trial.yaml`` and the model as a pyfunc (:mod:`pipeline.pyfunc_model`)."""
 
     PARENT_ENV = "PRUNEPIPE_PARENT_RUN_ID"
+    RUN_FILE = ".mlflow_run_id"  # the trial's last run: a SIGKILL leaves it RUNNING, the next start ends it
 
     def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
         self.active = info.is_main and cfg.registry.enabled
@@ -152,12 +153,15 @@ class _TrialLog:
         method = cfg.prune.method
         # a method configured by a loss budget (δ) shows it instead of the uniform ratio it ignores
         delta = (cfg.prune.options.get(method) or {}).get("delta")
+        _end_stale_run(Path(cfg.output_dir) / self.RUN_FILE, registry)
         run = registry.mlflow.start_run(run_name=registry.run_name(method, cfg.prune.prune_ratio, delta, run_name),
                                         parent_run_id=os.environ.get(self.PARENT_ENV) or None,
                                         tags={"prunepipe.method": method, registry.TRIAL_TAG: run_name,
                                               registry.OUTPUT_DIR_TAG: str(cfg.output_dir)})
         self.run_id = run.info.run_id
         try:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output_dir) / self.RUN_FILE).write_text(self.run_id)
             registry.log_params(flatten(config_to_dict(cfg)))
             registry.mlflow.log_dict(config_to_dict(cfg), CONFIG_ARTIFACT)
             if cfg.data.backend != "synthetic":
@@ -199,6 +203,22 @@ class _TrialLog:
             self._registry.mlflow.end_run(status=status)
         except Exception as err:  # noqa: BLE001 - the trial's own error is the one to report
             print(f"[prunepipe] could not mark the MLflow run {status}: {str(err).splitlines()[0]}", flush=True)
+
+
+def _end_stale_run(run_file: Path, registry: Any) -> None:
+    """A trial killed outright (SIGKILL, a lost node) never ended its MLflow run, which would
+    read RUNNING for ever; the next start of the same trial marks it KILLED. A run that ended
+    (FINISHED, FAILED, KILLED) is left as it is."""
+    if not run_file.is_file():
+        return
+    old = run_file.read_text().strip()
+    try:
+        if old and registry.mlflow.get_run(old).info.status == "RUNNING":
+            registry.mlflow.MlflowClient().set_terminated(old, status="KILLED")
+            print(f"[prunepipe] the MLflow run {old} of an earlier attempt of this trial was left RUNNING "
+                  "(killed before it could end): marked KILLED", flush=True)
+    except Exception as err:  # noqa: BLE001 - a run deleted or in another store: nothing to mark
+        print(f"[prunepipe] could not check the earlier MLflow run {old}: {str(err).splitlines()[0]}", flush=True)
 
 
 def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:

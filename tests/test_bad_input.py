@@ -496,3 +496,29 @@ def test_a_crashing_trial_ends_its_run_failed(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="a worker died"):
         recipe.run_trial(cfg)
     assert _run_status(tmp_path / "mlflow.db") == ["FAILED"]
+
+
+def test_a_trial_killed_outright_has_its_run_marked_killed_at_the_next_start(tmp_path):
+    """SIGKILL gives a trial no chance to end its MLflow run; the next start of the same trial
+    marks that run KILLED instead of leaving it RUNNING for ever (and leaves ended runs alone)."""
+    db = tmp_path / "mlflow.db"
+    args = [f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{db}", "data.backend=synthetic"]
+    code = ("import os, signal, sys, torch\n"
+            "from launch import recipe\n"
+            "from pipeline.config import load_config\n"
+            "from pipeline.distributed import DistInfo\n"
+            f"cfg = load_config({str(DEMO)!r}, {args!r})\n"
+            "recipe._TrialLog(cfg, DistInfo(0, 1, 0, torch.device('cpu')), 'killed')\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _run_status(db) == ["RUNNING"]
+    from launch import recipe
+
+    cfg = load_config(DEMO, args)
+    log = recipe._TrialLog(cfg, SOLO, "again")
+    assert sorted(_run_status(db)) == ["KILLED", "RUNNING"]  # the old one ended, the new one runs
+    log.end("FAILED")
+    recipe._TrialLog(cfg, SOLO, "third").end("KILLED")
+    assert sorted(_run_status(db)) == ["FAILED", "KILLED", "KILLED"]  # the FAILED run was left as it was
