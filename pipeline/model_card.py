@@ -28,7 +28,9 @@ def _mega(v: Any, fmt: str) -> str:
 def _knobs(prune: dict[str, Any]) -> str:
     method = prune.get("method", "?")
     options = (prune.get("options") or {}).get(method) or {}
-    parts = [f"prune_ratio={prune.get('prune_ratio')}", f"scope={prune.get('scope')}", f"round_to={prune.get('round_to')}"]
+    # a loss budget (lossvar's δ) decides the rates; the uniform ratio it ignores would mislead
+    ratio = [] if options.get("delta") is not None else [f"prune_ratio={prune.get('prune_ratio')}"]
+    parts = [*ratio, f"scope={prune.get('scope')}", f"round_to={prune.get('round_to')}"]
     parts += [f"{k}={v}" for k, v in sorted(options.items())]
     return ", ".join(parts)
 

@@ -100,6 +100,9 @@ def test_model_card_holds_what_a_person_needs():
         assert needle in card, needle
     assert card.splitlines()[0] == "resnet18 pruned with lossvar: top-1 91.0% (dense 95.0%), MACs −60.0%, 1.70x measured"
     assert "noisy" not in card
+    assert "prune_ratio" not in card  # δ decided the rates; the ratio lossvar ignored would mislead
+    ratio_spec = {**spec, "config": {**spec["config"], "prune": {**spec["config"]["prune"], "method": "l1"}}}
+    assert "prune_ratio=0.5" in build_card(ratio_spec)
     assert "noisy" in build_card({**spec, "metrics": {**spec["metrics"], "speed_reliable": 0.0}})
     with pytest.raises(ValueError, match="spec.arch"):
         build_card({"num_classes": 10})
