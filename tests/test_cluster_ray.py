@@ -231,7 +231,10 @@ def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_s
     trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]  # the search's parent run holds them
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
-    assert len(trials) == 2 and all(r.info.status == "FINISHED" and "val_top1" in r.data.metrics for r in trials)
+    # both trials logged to the server; ASHA (grace period 2 of 3 epochs) may stop the weaker one,
+    # whose run then ends KILLED rather than FINISHED
+    assert len(trials) == 2 and all("val_top1" in r.data.metrics for r in trials)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials) and any(r.info.status == "FINISHED" for r in trials)
     # max_concurrent=2: the two trials wrote to the tracking server at the same time
     (_, end_first), (start_second, _) = sorted((r.info.start_time, r.info.end_time) for r in trials)
     assert start_second < end_first, "the trials ran one after the other"
