@@ -6,10 +6,10 @@ boolean option flipped, so a new method or a new switch is covered by being decl
 keep_masks, for every method × mode; writes ``{"method[mode]": masks equal on every rank}``.
 A mode that crashes DDP (a parameter left without gradient) fails the whole job.
 
-``resume OUT DATA [METHOD ...]``: for every training-aware method × mode, the recipe's
-``run_trial`` uninterrupted, then again in a folder that holds only the checkpoint of pruning
-epoch ``KILL_AFTER`` of ``PRUNE_EPOCHS`` (what a job killed mid-phase leaves), so it resumes
-there. Writes, per method × mode, whether the resumed run ended with the very masks and final
+``resume OUT DATA [METHOD ...]``: for every training-aware method × mode (and the one-shot
+methods named), the recipe's ``run_trial`` uninterrupted, then again in a folder that holds only
+the checkpoint of epoch ``KILL_AFTER`` of the pruning phase (training-aware) or of the fine-tune
+(one-shot) — what a job killed mid-phase leaves — so it resumes there. Writes, per method × mode, whether the resumed run ended with the very masks and final
 weights of the uninterrupted one.
 """
 
@@ -124,7 +124,8 @@ def _trial(name: str, options: dict, data_root: str, out: Path, keep_checkpoint:
 
     def copying_save(path, payload, info):
         save(path, payload, info)
-        if keep_checkpoint is not None and info.is_main and payload["phase"] == "prune" \
+        kill_phase = "prune" if get_method_class(name).training_aware else "finetune"
+        if keep_checkpoint is not None and info.is_main and payload["phase"] == kill_phase \
                 and payload["epoch"] == KILL_AFTER:
             keep_checkpoint.mkdir(parents=True)
             shutil.copy(path, keep_checkpoint / Path(path).name)
@@ -144,12 +145,15 @@ def _resume(name: str, options: dict, data_root: str, work: Path) -> dict:
     resumed = _trial(name, options, data_root, work / "killed")
     same_weights = whole[1].keys() == resumed[1].keys() and all(torch.equal(whole[1][k], resumed[1][k])
                                                                 for k in whole[1])
+    if not get_method_class(name).training_aware:
+        # resumed after the cut: the decision is not made again, the cut weights carry it
+        return {"masks": not resumed[0], "weights": same_weights}
     return {"masks": whole[0] == resumed[0], "weights": same_weights}
 
 
 def main(job: str, out: str, data_root: str, names: list[str]) -> None:
     info = init_distributed()
-    names = names or method_names()
+    named, names = bool(names), names or method_names()
     result: dict = {}
     work = Path(out).parent / "runs"
     if info.is_main:
@@ -157,7 +161,7 @@ def main(job: str, out: str, data_root: str, names: list[str]) -> None:
         work.mkdir(parents=True)
     dist.barrier()
     for name in names:
-        if job == "resume" and not get_method_class(name).training_aware:
+        if job == "resume" and not get_method_class(name).training_aware and not named:
             continue
         for mode, options in modes(name).items():
             key = f"{name}[{mode}]"
