@@ -182,8 +182,8 @@ def _run_trials(cfg: Config, parent: str | None, verbose: bool) -> list[dict[str
             scheduler=ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(s.grace_period, max_t),
                                     reduction_factor=s.reduction_factor, stop_last_trials=False),
             num_samples=s.num_samples,
-            max_concurrent_trials=s.max_concurrent,
-            # the same draws on a rerun; the concurrency limit must be given to the generator itself
+            # the same draws on a rerun. The concurrency limit goes to the generator alone: Tune
+            # ignores max_concurrent_trials beside a generator (with a warning on every search)
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=s.max_concurrent),
         ),
         # verbose=0: no status box redrawn at every report; ConsoleView prints one line per event
