@@ -286,8 +286,9 @@ class LossVariation(Method):
             return _solve_increasing(lambda d: self._reduction(profile, dense, predict(d)), target, *span)
 
         delta = solve()
+        predicted = predict(delta)
         for g in ordered:  # move 2: one full-set point per group where the threshold should be
-            u = predict(delta)[g.name] // self._step(g)
+            u = predicted[g.name] // self._step(g)
             if 0 < u:
                 full = self._loss_masked(model, ctx, g, orders[g.name], u * self._step(g)) - base
                 coarse = _rise_on_curve(curves[g.name], u)

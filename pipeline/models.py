@@ -44,12 +44,9 @@ def check_weights_path(path: str | Path, what: str = "model.weights") -> None:
 
 
 def _check_path(path: Path, what: str) -> None:
-    if not path.exists():
-        raise WeightsError(f"{what}: {str(path)!r} does not exist")
-    if path.is_dir():
-        raise WeightsError(f"{what}: {str(path)!r} is a folder, not a weights file")
-    if not path.is_file():
-        raise WeightsError(f"{what}: {str(path)!r} is not a regular file")
+    from pipeline.textfiles import check_regular_file
+
+    check_regular_file(path, f"{what}: {str(path)!r}", WeightsError)
     if path.stat().st_size == 0:
         raise WeightsError(f"{what}: {str(path)!r} is empty")
 

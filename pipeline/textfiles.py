@@ -6,15 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def read_text_file(path: Path, what: str, limit: int, error: type[Exception]) -> str:
-    """A small UTF-8 text file given by a user; a missing path, a folder, a device, an oversized,
-    binary or non-UTF-8 file is ``error`` with one line naming ``what``."""
+def check_regular_file(path: Path, what: str, error: type[Exception]) -> None:
+    """``path`` is an existing regular file: a missing path, a folder or a device (``/dev/null``)
+    is ``error`` with one line naming ``what``."""
     if not path.exists():
         raise error(f"{what} does not exist")
     if path.is_dir():
         raise error(f"{what} is a folder, not a file")
     if not path.is_file():
         raise error(f"{what} is not a regular file")
+
+
+def read_text_file(path: Path, what: str, limit: int, error: type[Exception]) -> str:
+    """A small UTF-8 text file given by a user; a missing path, a folder, a device, an oversized,
+    binary or non-UTF-8 file is ``error`` with one line naming ``what``."""
+    check_regular_file(path, what, error)
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)

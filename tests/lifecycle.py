@@ -3,6 +3,7 @@
 import copy
 
 import torch
+import torchvision
 
 from methods import SelectContext, get_method_class
 from pipeline.surgery import apply_masks, find_groups, prune_model
@@ -11,6 +12,26 @@ from pipeline.surgery import apply_masks, find_groups, prune_model
 def calib(n=32, size=32, classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))]
+
+
+def fitted_resnet18(size: int):
+    """A ResNet-18 fitted to its calibration batch (``calib(32, size)``), eval mode; returns
+    (model, batches). On an untrained net, masking channels hardly moves (or even lowers) the
+    loss, so any δ prunes most of every group: lossvar's tests need channels that matter."""
+    from pipeline.engine import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5)
+    data = calib(32, size)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(30):
+        x, y = data[0]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    recalibrate_bn(model, data)
+    return model.eval(), data
 
 
 def run_lifecycle(name, model, ratio=0.4, steps=3, size=32, options=None, lr=0.01, seed=1):

@@ -6,14 +6,12 @@ import copy
 
 import pytest
 import torch
-import torchvision
 
 from methods import SelectContext, get_method_class
 from methods.lossvar import LossVariation
 from methods.staged import StagedForward
-from pipeline.engine import recalibrate_bn
 from pipeline.surgery import find_groups
-from tests.lifecycle import calib
+from tests.lifecycle import fitted_resnet18
 
 DELTA = 0.05
 
@@ -21,18 +19,8 @@ DELTA = 0.05
 @pytest.fixture(scope="module")
 def fitted():
     """A ResNet-18 fitted to its calibration batch, so that masking channels raises the loss."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5)
-    data = calib(32, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(30):
-        x, y = data[0]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    recalibrate_bn(model, data)
-    return model.eval(), find_groups(model, 16, "inner"), data
+    model, data = fitted_resnet18(16)
+    return model, find_groups(model, 16, "inner"), data
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-import torchvision
 
 from methods import SelectContext, get_method_class
-from pipeline.engine import recalibrate_bn
 from pipeline.measure import count_macs
 from pipeline.surgery import apply_masks, find_groups, macs_after, macs_profile, prune_model
-from tests.lifecycle import calib
+from tests.lifecycle import fitted_resnet18
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +14,7 @@ def net():
     """A ResNet-18 fitted to its calibration batch. On an untrained net, masking channels hardly
     moves (or even lowers) the loss, so any δ prunes most of every group: the criterion needs
     a model whose channels matter."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5)
-    data = calib(32, 32)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(30):
-        x, y = data[0]
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    recalibrate_bn(model, data)
-    model.eval()
+    model, data = fitted_resnet18(32)
     return model, find_groups(model, 32, "inner"), SelectContext(calib=data, image_size=32)
 
 

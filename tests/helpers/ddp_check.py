@@ -37,7 +37,7 @@ class _Counting:
 
 
 class _First:
-    """The first ``n`` batches of a loader (the same count on every rank)."""
+    """The first ``n`` batches of a loader, cycling when it holds fewer (the same count on every rank)."""
 
     def __init__(self, loader, n):
         self.loader, self.n = loader, n
@@ -46,10 +46,16 @@ class _First:
         return self.n
 
     def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.n:
-                return
-            yield batch
+        seen = 0
+        while seen < self.n:
+            before = seen
+            for batch in self.loader:
+                if seen == self.n:
+                    return
+                seen += 1
+                yield batch
+            if seen == before:
+                return  # an empty loader: nothing to cycle
 
 
 def ddp_backend(model, info, lr_scales=None) -> DDPBackend:

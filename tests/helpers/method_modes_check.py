@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import launch.recipe as recipe  # noqa: E402
 from methods import SelectContext, get_method_class, method_names  # noqa: E402
-from pipeline.backends.ddp import DDPBackend  # noqa: E402
-from pipeline.config import DataConfig, TrainConfig, load_config  # noqa: E402
+from pipeline.config import DataConfig, load_config  # noqa: E402
 from pipeline.data.loaders import build_loader, calibration_set  # noqa: E402
 from pipeline.distributed import assert_same_on_all_ranks, init_distributed, shutdown_distributed  # noqa: E402
-from pipeline.engine import make_optimizer, train_epoch  # noqa: E402
+from pipeline.engine import train_epoch  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
+from tests.helpers.ddp_check import _First, ddp_backend  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # short windows so that AutoPruner's votes, α steps and stage changes all happen in a few steps
@@ -49,25 +49,6 @@ def modes(name: str) -> dict[str, dict]:
     return out
 
 
-class _First:
-    """The first ``n`` batches of a loader, cycling (the same count on every rank)."""
-
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, n
-
-    def __len__(self):
-        return self.n
-
-    def __iter__(self):
-        seen = 0
-        while True:
-            for batch in self.loader:
-                if seen == self.n:
-                    return
-                seen += 1
-                yield batch
-
-
 def _lifecycle(name: str, options: dict, info, data_root: str, steps: int = 6) -> bool:
     cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
     torch.manual_seed(0)
@@ -78,8 +59,7 @@ def _lifecycle(name: str, options: dict, info, data_root: str, steps: int = 6) -
     if method.training_aware:
         loader = _First(build_loader(cfg, "train", info.rank, info.world, info.device, seed=0), steps)
         method.on_train_start(model, steps_per_epoch=steps, epochs=1)
-        backend = DDPBackend(TrainConfig(), info, micro_batch=16)
-        backend.wrap(model, make_optimizer(model, 0.05, 0.9, True, 1e-4, lr_scales=method.lr_scales(model)), None)
+        backend = ddp_backend(model, info, lr_scales=method.lr_scales(model))
         train_epoch(backend, loader, info, method=method)
         backend.close()
         model = backend.module
