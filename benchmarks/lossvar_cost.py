@@ -40,34 +40,42 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--logit-scale", type=float, default=100.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.arch, args.classes).eval()
+    model = build_model(args.arch, args.classes).eval().to(dev)
     with torch.no_grad():
         model.fc.weight.mul_(args.logit_scale)
         model.fc.bias.mul_(args.logit_scale)
-    x = torch.randn(args.calib, 3, args.image_size, args.image_size)
+    x = torch.randn(args.calib, 3, args.image_size, args.image_size).to(dev)
     recalibrate_bn(model, [(x[i:i + args.batch], None) for i in range(0, args.calib, args.batch)])
     model.eval()
     with torch.no_grad():
         y = torch.cat([model(x[i:i + args.batch]).argmax(1) for i in range(0, args.calib, args.batch)])
     calib = [(x[i:i + args.batch], y[i:i + args.batch]) for i in range(0, args.calib, args.batch)]
     groups = find_groups(model, args.image_size, "inner")
+    with torch.no_grad():
+        model(calib[0][0])  # warm-up: the first CUDA forward also picks its kernels
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         for xb, _ in calib:
             model(xb)
+    sync()
     forward_s = time.perf_counter() - t0
     method = get_method_class("lossvar")(groups, 0.0, round_to=args.round_to,
                                          options={"target_macs_reduction": args.target}, image_size=args.image_size)
     method.keep_masks(model, SelectContext(calib=calib, image_size=args.image_size))
     s = method.summary()
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"# {args.arch} at {args.image_size}px, {args.calib} calibration images, {len(groups)} groups, "
-          f"{torch.get_num_threads()} threads, one forward of the set {forward_s:.1f} s")
+          f"{where}, float32, one forward of the set {forward_s:.3f} s")
     print("| target MACs red. | found | δ | probes | seconds | full-forward equiv. | FFE if every probe were a full forward |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.target:.0%} | {s.get('macs_reduction_found', float('nan')):.1%} | {s['delta']:.3g} | "
-          f"{int(s['probes'])} | {s['select_seconds']:.0f} | {s['full_forward_equivalents']:.0f} | {int(s['probes'])} |")
+          f"{int(s['probes'])} | {s['select_seconds']:.1f} | {s['full_forward_equivalents']:.0f} | {int(s['probes'])} |")
 
 
 if __name__ == "__main__":

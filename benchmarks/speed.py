@@ -5,10 +5,11 @@
 For every architecture and MACs-reduction target: prunepipe's L1 pruning (ratio found by
 bisection so the MACs reduction hits the target; inner bottleneck channels, and optionally
 `round_to`), and Torch-Pruning's own MagnitudePruner (its own groups, its own cut, every
-prunable group as its default) at the same MACs, as a peer row. Each row is timed interleaved
-against the dense model (ABBA rounds, BatchNorm folded into the convs for both), reporting the
-median per-round speed-up with its IQR and the speed-up efficiency (speed-up ÷ MACs ratio).
-Weights are random: speed does not depend on them. On a GPU: bf16 + channels_last.
+prunable group as its default) at the same MACs, as a peer row. The dense model and every
+pruned one are timed in the same interleaved rounds (`pipeline.bench.run_bench`: rotating order,
+BatchNorm folded into the convs), reporting the median per-round speed-up with its IQR and the
+speed-up efficiency (speed-up ÷ MACs ratio). Weights are random: speed does not depend on them.
+On a GPU: bf16 + channels_last; `--compile off on` adds torch.compile rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from methods import get_method_class  # noqa: E402
-from pipeline.measure import compare, count_macs  # noqa: E402
+from pipeline.bench import BenchModel, run_bench  # noqa: E402
+from pipeline.measure import count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.surgery import apply_masks, find_groups, macs_after, macs_profile, prune_model  # noqa: E402
 
@@ -82,31 +84,45 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"],
+                    help="eager and/or torch.compile (each model compiled once per setting)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    amp = torch.bfloat16 if dev.type == "cuda" else None
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"device {dev}, batch {args.batch}, {args.image_size}², {'bf16 + channels_last' if amp else 'float32'}, "
-          f"BN folded, {args.rounds} interleaved rounds")
-    print("| arch | pruner | round_to | MACs red. | dense img/s | pruned img/s | speed-up [IQR] | efficiency |")
-    print("|" + "---|" * 8)
+    gpu = dev.type == "cuda"
+    print(f"# {torch.cuda.get_device_name(dev) if gpu else platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, batch {args.batch}, "
+          f"{args.image_size}², {'bf16 + channels_last' if gpu else 'float32'}, BN folded, "
+          f"{args.rounds} interleaved rounds of every model")
+    print("| arch | pruner | round_to | compiled | MACs red. | dense img/s | pruned img/s | speed-up [IQR] | "
+          "efficiency |")
+    print("|" + "---|" * 9)
     for arch in args.archs:
         dense = build_model(arch, 1000).eval()
+        models = [BenchModel("dense", dense)]
+        rows_of = {}
         for target in args.targets:
             for round_to in args.round_to:
-                rows = [("prunepipe l1 (inner)", l1_at(dense, args.image_size, target, "inner", round_to)[0])]
+                models.append(BenchModel(f"prunepipe l1 (inner)|{round_to}",
+                                         l1_at(dense, args.image_size, target, "inner", round_to)[0]))
                 if not args.no_peer:
-                    rows.append(("Torch-Pruning MagnitudePruner", torch_pruning_at(dense, args.image_size, target,
-                                                                                  round_to)[0]))
-                for name, model in rows:
-                    m = compare(dense, model, args.image_size, batch_size=args.batch, rounds=args.rounds, warmup=2,
-                                device=dev, amp_dtype=amp, channels_last=dev.type == "cuda", fold_bn=True)
-                    flag = "" if m["speed_reliable"] else " (noisy)"
-                    print(f"| {arch} | {name} | {round_to} | {m['macs_reduction']:.1%} | {m['dense_img_s']:.1f} | "
-                          f"{m['img_s']:.1f} | {m['speedup']:.2f}x [{m['speedup_low']:.2f}-{m['speedup_high']:.2f}]"
-                          f"{flag} | {m['speedup_efficiency']:.2f} |", flush=True)
+                    models.append(BenchModel(f"Torch-Pruning MagnitudePruner|{round_to}",
+                                             torch_pruning_at(dense, args.image_size, target, round_to)[0]))
+        # every model in the same interleaved rounds: a load that comes and goes hits them alike
+        rows = run_bench(models, args.image_size, [args.batch], ["bf16" if gpu else "fp32"], [gpu],
+                         [c == "on" for c in args.compile], rounds=args.rounds, device=dev, fold_bn=True)
+        for r in rows:
+            rows_of.setdefault(r.compiled, []).append(r)
+        for compiled, group in rows_of.items():
+            dense_row = group[0]
+            for r in group[1:]:
+                name, round_to = r.label.split("|")
+                flag = "" if r.reliable else " (noisy)"
+                eff = r.speedup * (1 - r.macs_reduction)  # speed-up ÷ MACs speed-up
+                print(f"| {arch} | {name} | {round_to} | {'yes' if compiled else 'no'} | {r.macs_reduction:.1%} | "
+                      f"{dense_row.img_s:.1f} | {r.img_s:.1f} | {r.speedup:.2f}x [{r.speedup_low:.2f}-"
+                      f"{r.speedup_high:.2f}]{flag} | {eff:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

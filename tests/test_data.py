@@ -70,6 +70,8 @@ def test_synthetic_backend_contract():
     batches = list(loader)
     assert len(batches) == len(loader) == 4
     assert all(int(y.max()) < 3 for _, y in batches)
+    x, _ = next(iter(build_loader(cfg, "train", 0, 2, torch.device("cpu"), channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):

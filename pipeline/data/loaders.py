@@ -260,7 +260,7 @@ def build_loader(
     rank's :class:`BadSampleLog`). ``channels_last`` asks for images in that memory format.
     """
     if cfg.backend == "synthetic":
-        loader = _synthetic_loader(cfg, world, device, seed + rank)
+        loader = _synthetic_loader(cfg, world, device, seed + rank, channels_last)
     elif cfg.backend == "dali":
         from pipeline.data.dali import build_dali_loader  # optional dependency: imported only when asked for
 
@@ -313,17 +313,21 @@ def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog) -> None
             errors.record(shard["path"], "(tail)", f"{shard.get('problem') or 'truncated'}", count=lost)
 
 
-def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: int) -> Loader:
+def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: int,
+                      channels_last: bool = False) -> Loader:
     steps = max(1, cfg.synthetic_samples // (cfg.batch_size * world))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn on the device itself: a CPU draw of a 256×3×224² batch takes longer than a GPU's
+    # training step, and would make a training-rate benchmark measure the random generator
+    gen = torch.Generator(device=device).manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for _ in range(steps):
-            x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)
-            y = torch.randint(0, cfg.synthetic_classes, (cfg.batch_size,), generator=gen)
-            yield x.to(device), y.to(device)
+            x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen, device=device)
+            y = torch.randint(0, cfg.synthetic_classes, (cfg.batch_size,), generator=gen, device=device)
+            yield x.contiguous(memory_format=fmt), y
 
-    return Loader(None, steps, device, cfg.synthetic_classes, synthetic=batches)
+    return Loader(None, steps, device, cfg.synthetic_classes, synthetic=batches, channels_last=channels_last)
 
 
 def calibration_set(
