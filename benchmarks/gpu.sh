@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh compiled   # the same with torch.compile (round_to 8 rows only: compiling is slow)
 #   bash benchmarks/gpu.sh train      # training images/s: dense ResNet-101 (DDP), ResNet-50 DDP vs DeepSpeed ZeRO-2
 #   bash benchmarks/gpu.sh lossvar    # lossvar's selection at 224 px, 256 calibration images
+#   bash benchmarks/gpu.sh data       # DALI mixed vs CPU vs PyTorch loader to the GPU, then a DALI-fed prune
 # Run alone on the machine. PYTHON picks the interpreter (default python3).
 set -euo pipefail
 py=${PYTHON:-python3}
@@ -30,5 +31,14 @@ case ${1:-} in
     train_rate resnet50 train.backend=ddp
     train_rate resnet50 train.backend=deepspeed train.zero_stage=2 ;;
   lossvar) "$py" benchmarks/lossvar_cost.py --arch resnet101 --image-size 224 --calib 256 --batch 64 ;;
-  *) echo "usage: $0 speed|compiled|train|lossvar" >&2; exit 2 ;;
+  data)
+    "$py" benchmarks/loaders.py --data /tmp/prunepipe-imnet --images 2048 --batch 64 --rounds 3 --workers 4 8 \
+      --device cuda
+    # the same shards through a whole trial: DALI decoding on the GPU feeding DDP training (bf16)
+    "$py" -m torch.distributed.run --standalone --nproc-per-node 1 -m launch.cli prune configs/imagenet_resnet101.yaml \
+      model.arch=resnet50 model.weights=null data.root=/tmp/prunepipe-imnet data.batch_size=64 prune.method=l1 \
+      prune.prune_ratio=0.3 prune.epochs=0 train.epochs=2 train.warmup_epochs=0 measure.rounds=5 \
+      registry.enabled=false output_dir=/tmp/prunepipe-gpu-dali 2>&1 |
+      grep -oE '"phase": "[a-z]+"|"train_img_s_per_worker": [0-9.]+|"bad_samples": [0-9]+|pruned model.*|Error.*' ;;
+  *) echo "usage: $0 speed|compiled|train|lossvar|data" >&2; exit 2 ;;
 esac

@@ -84,16 +84,19 @@ def _cpu_seconds() -> float:
     return total
 
 
-def epoch_rate(cfg: DataConfig, epoch: int) -> tuple[float, float]:
+def epoch_rate(cfg: DataConfig, epoch: int, device: torch.device) -> tuple[float, float]:
     """One training epoch, steady state (from the first batch to the last-but-one: no start-up,
     no worker shut-down): (images per second of wall time, images per CPU-second)."""
-    loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"), seed=0)
+    loader = build_loader(cfg, "train", 0, 1, device, seed=0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     loader.set_epoch(epoch)
     it = iter(loader)
     next(it)
+    sync()
     n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
     for i, (images, _) in enumerate(it, start=2):
         if i == len(loader):  # measure before the last batch: workers exit after it
+            sync()  # batches handed over on a GPU may still be in flight
             wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             break
         n += images.shape[0]
@@ -110,7 +113,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: batches delivered to the GPU, DALI decoding there ('mixed') beside its CPU pipeline")
     args = ap.parse_args()
+    device = torch.device(args.device)
     for name, v, lo in (("--images", args.images, 4 * args.batch), ("--rounds", args.rounds, 1), ("--batch", args.batch, 1)):
         if v < lo:
             ap.error(f"{name} {v}: must be at least {lo}")
@@ -124,30 +130,38 @@ def main() -> None:
         make_imagenet_like(root, args.images)
     base = DataConfig(root=str(root), image_size=args.size, batch_size=args.batch, augment="imagenet",
                       shuffle_buffer=256)
-    configs = [(backend, w) for w in args.workers for backend in ("dali", "webdataset")]
+    # (backend, data.dali_device): DALI's CPU pipeline is "dali"/"cpu"; on a GPU also "mixed" decoding
+    kinds = [("dali", "gpu"), ("dali", "cpu"), ("webdataset", "auto")] if device.type == "cuda" else \
+        [("dali", "cpu"), ("webdataset", "auto")]
+    labels = {("dali", "gpu"): "DALI mixed (GPU decode)", ("dali", "cpu"): "DALI CPU",
+              ("webdataset", "auto"): "PyTorch DataLoader"}
+    configs = [(*k, w) for w in args.workers for k in kinds]
     rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     per_cpu: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     load = [os.getloadavg()[0]]
     for r in tqdm(range(args.rounds + 1), desc="rounds", leave=False):
         for c in configs if r % 2 == 0 else configs[::-1]:
-            rate, cpu_rate = epoch_rate(base.model_copy(update={"backend": c[0], "num_workers": c[1]}), r)
+            cfg = base.model_copy(update={"backend": c[0], "dali_device": c[1], "num_workers": c[2]})
+            rate, cpu_rate = epoch_rate(cfg, r, device)
             if r > 0:  # round 0 warms the page cache and the allocators
                 rates[c].append(rate)
                 per_cpu[c].append(cpu_rate)
         load.append(os.getloadavg()[0])
     print(f"# {args.images} JPEGs (q90, ~500x375), imagenet train transforms at {args.size}, batch {args.batch}, "
-          f"{args.rounds} rounds (alternating), {os.cpu_count()} cores, 1-min load average {min(load):.2f}..{max(load):.2f}")
+          f"{args.rounds} rounds (alternating), {os.cpu_count()} cores, batches delivered to {device}, "
+          f"1-min load average {min(load):.2f}..{max(load):.2f}")
     print("| loader | workers/threads | img/s (median) | spread (min–max) | img/s per core | img per CPU-s (median) "
-          "| DALI ÷ PyTorch per core | DALI ÷ PyTorch per CPU-s |")
+          "| ÷ PyTorch per core | ÷ PyTorch per CPU-s |")
     print("|---|---|---|---|---|---|---|---|")
     for w in args.workers:
-        med = {b: statistics.median(rates[(b, w)]) for b in ("dali", "webdataset")}
-        cpu = {b: statistics.median(per_cpu[(b, w)]) for b in ("dali", "webdataset")}
-        for b, label in (("dali", "DALI CPU"), ("webdataset", "PyTorch DataLoader")):
-            v = rates[(b, w)]
-            ratios = (f"{med['dali'] / med['webdataset']:.2f}x | {cpu['dali'] / cpu['webdataset']:.2f}x"
-                      if b == "dali" else " | ")
-            print(f"| {label} | {w} | {med[b]:.1f} | {min(v):.1f}–{max(v):.1f} | {med[b] / w:.1f} | {cpu[b]:.1f} | {ratios} |")
+        med = {k: statistics.median(rates[(*k, w)]) for k in kinds}
+        cpu = {k: statistics.median(per_cpu[(*k, w)]) for k in kinds}
+        ref = ("webdataset", "auto")
+        for k in kinds:
+            v = rates[(*k, w)]
+            ratios = f"{med[k] / med[ref]:.2f}x | {cpu[k] / cpu[ref]:.2f}x" if k != ref else " | "
+            print(f"| {labels[k]} | {w} | {med[k]:.1f} | {min(v):.1f}–{max(v):.1f} | {med[k] / w:.1f} | {cpu[k]:.1f} "
+                  f"| {ratios} |")
     if tmp is not None:
         tmp.cleanup()
 

@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["resnet101"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.42, 0.5], help="MACs reductions")
     ap.add_argument("--round-to", type=int, nargs="+", default=[1])
+    ap.add_argument("--scopes", nargs="+", choices=["inner", "all"], default=["inner"],
+                    help="prunepipe's groups: bottleneck-inner channels, or the residual stream's too")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
@@ -104,8 +106,9 @@ def main() -> None:
         rows_of = {}
         for target in args.targets:
             for round_to in args.round_to:
-                models.append(BenchModel(f"prunepipe l1 (inner)|{round_to}",
-                                         l1_at(dense, args.image_size, target, "inner", round_to)[0]))
+                for scope in args.scopes:
+                    models.append(BenchModel(f"prunepipe l1 ({scope})|{round_to}",
+                                             l1_at(dense, args.image_size, target, scope, round_to)[0]))
                 if not args.no_peer:
                     models.append(BenchModel(f"Torch-Pruning MagnitudePruner|{round_to}",
                                              torch_pruning_at(dense, args.image_size, target, round_to)[0]))

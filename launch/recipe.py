@@ -51,6 +51,7 @@ from pipeline.engine import (
     load_checkpoint,
     optimizer_steps,
     recalibrate_bn,
+    round_to_warning,
     save_checkpoint,
     train_phase,
     use_channels_last,
@@ -343,6 +344,8 @@ def setup(cfg: Config, report: Reporter | None, run_name: str | None) -> Trial:
     size = cfg.data.image_size
     train_loader = build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed)
     val_loader = build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed)
+    if info.is_main and (note := round_to_warning(cfg.prune.round_to, info.device)):
+        print(f"[prunepipe] warning: {note}", flush=True)
     model = build_model(cfg.model.arch, train_loader.num_classes, cfg.model.weights)
     dense = copy.deepcopy(model).eval()
     groups = find_groups(model, size, cfg.prune.scope)

@@ -178,6 +178,12 @@ class TrainConfig(_Strict):
     # deepspeed only: a JSON file whose keys are merged over the config derived from this one
     deepspeed_config: str | None = None
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `train.channels_last=on` means "on"
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:

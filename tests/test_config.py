@@ -56,6 +56,12 @@ def test_overrides_are_typed_and_applied():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
 
 
+@pytest.mark.parametrize("text, value", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on"),
+                                         ("false", "off")])
+def test_on_off_reads_as_written_although_yaml_makes_it_a_boolean(text, value):
+    assert load_config(DEMO, [f"train.channels_last={text}"]).train.channels_last == value
+
+
 def test_search_space_keys_must_exist():
     with pytest.raises(ConfigError, match="search.space"):
         build_config({"search": {"space": {"prune.nonsense": {"choice": [1, 2]}}}})

@@ -99,3 +99,14 @@ def test_a_steady_hog_on_the_cores_is_flagged_even_when_the_ratio_looks_tight():
             h.wait()
     assert s.spread == 0.0  # perfectly tight...
     assert s.foreign_cpu > 0.5 and not s.reliable  # ...and still not to be trusted
+
+
+@pytest.mark.parametrize("round_to, device, warned", [(1, "cuda", True), (4, "cuda", True), (12, "cuda", True),
+                                                      (8, "cuda", False), (64, "cuda", False), (1, "cpu", False)])
+def test_round_to_warning_only_for_widths_tensor_cores_dislike_on_a_gpu(round_to, device, warned):
+    from pipeline.engine import round_to_warning
+
+    note = round_to_warning(round_to, torch.device(device))
+    assert (note is not None) == warned
+    if warned:
+        assert f"prune.round_to = {round_to}" in note and "multiple" in note

@@ -73,9 +73,12 @@ class DeepSpeedBackend:
     def wrap(self, model, optimizer, scheduler) -> None:
         deepspeed = import_deepspeed()
         _ensure_process_group(self.info)
+        # Parameters stay in the default (contiguous) layout even when channels_last is asked for:
+        # DeepSpeed flattens and byte-views every parameter (broadcast, ZeRO partitions), which a
+        # channels_last conv weight's strides forbid ("self.stride(-1) must be 1 to view Float as
+        # Byte", seen on an H100 and reproduced on CPU). The engine still feeds channels_last
+        # images, and a convolution with a channels_last input computes in channels_last.
         model = model.to(self.info.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         # the lp parameters of each group, in order, before ZeRO swaps the groups' params for its
         # flat fp32 partitions (DeepSpeed drops empty groups the same way)
         self._groups = [list(g["params"]) for g in optimizer.param_groups if g["params"]]
