@@ -94,11 +94,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from launch.outputs import check_writable
+    from launch.recipe import check_config
     from launch.search import ensure_baseline, format_table, run_search
+    from pipeline.data.manifest import read_manifest
 
     cfg = _load(args)
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
+    check_config(cfg, for_search=True)  # every (method, scope) the space may draw
+    if cfg.data.backend != "synthetic":
+        read_manifest(cfg.data.root)  # here, as one line: inside Ray it is a worker's traceback
     check_writable(cfg)
     cfg = ensure_baseline(cfg, verbose=args.verbose)
     result = run_search(cfg, verbose=args.verbose)

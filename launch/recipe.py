@@ -94,11 +94,13 @@ def _epochs(cfg: Config, method_cls: type[Method]) -> tuple[int, int]:
     return prune_epochs, cfg.train.budget_epochs - prune_epochs
 
 
-def check_config(cfg: Config) -> Config:
+def check_config(cfg: Config, for_search: bool = False) -> Config:
     """What the core schema cannot check because it knows no method: ``prune.method``,
     ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
-    ``search.space`` may draw. Raises :class:`ConfigError` naming the key, before any work."""
+    ``search.space`` may draw; ``for_search``: also every (method, scope) pair it may draw.
+    Raises :class:`ConfigError` naming the key, before any work."""
     _epochs(cfg, _method_class(cfg.prune.method, "prune.method"))
+    _check_scopes(cfg, for_search)
     if cfg.model.weights is not None:
         check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
     for name, options in cfg.prune.options.items():
@@ -117,6 +119,21 @@ def check_config(cfg: Config) -> Config:
             for value in values or []:
                 _check_options(parts[2], {parts[3]: value} if len(parts) > 3 else value, key)
     return cfg
+
+
+def _check_scopes(cfg: Config, for_search: bool) -> None:
+    """Every method the trial (or the search) may run supports every scope it may be given
+    (a residual-stream group met by a gated method otherwise fails inside the trial)."""
+    space = cfg.search.space if for_search else {}
+    methods = (sampler_values(space["prune.method"]) or []) if "prune.method" in space else [cfg.prune.method]
+    scopes = (sampler_values(space["prune.scope"]) or []) if "prune.scope" in space else [cfg.prune.scope]
+    where = "search.space: " if "prune.method" in space or "prune.scope" in space else ""
+    for name in methods:
+        allowed = _method_class(name, "prune.method").scopes
+        for scope in scopes:
+            if scope not in allowed:
+                raise ConfigError(f"{where}prune.method = {name} works with prune.scope = {' or '.join(allowed)}, "
+                                  f"not {scope}")
 
 
 # --- logging --------------------------------------------------------------------------------------

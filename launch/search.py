@@ -138,7 +138,7 @@ def run_search(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     from launch import search_log
     from launch.recipe import check_config
 
-    check_config(cfg)  # every method name and option the space may draw, before Ray starts
+    check_config(cfg, for_search=True)  # every method, option and scope the space may draw, before Ray starts
     parent = search_log.start_parent(cfg)
     result, rows = None, []
     try:

@@ -84,6 +84,7 @@ class BinaryAttention(nn.Module):
 @register_method
 class AddingBeforePruning(Method):
     name = "abp"
+    scopes = ("inner",)  # its attention layers need one consuming conv per group: no residual streams
     training_aware = True
     Options = ABPOptions
 

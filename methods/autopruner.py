@@ -156,6 +156,7 @@ def _block_of(group: ChannelGroup) -> str:
 @register_method
 class AutoPruner(Method):
     name = "autopruner"
+    scopes = ("inner",)  # its gates need one consuming conv per group: no residual streams
     training_aware = True
     uniform_rate = False  # the last block keeps every channel (skip_last_block)
     Options = AutoPrunerOptions

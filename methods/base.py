@@ -88,6 +88,8 @@ class Method(ABC):
     name: ClassVar[str] = ""
     training_aware: ClassVar[bool] = False
     uniform_rate: ClassVar[bool] = True  # False: per-group rates of its own (lossvar)
+    # the prune.scope values it can work with: gates and BN penalties need one consumer per group
+    scopes: ClassVar[tuple[str, ...]] = ("inner", "all")
     Options: ClassVar[type[BaseModel]] = NoOptions
 
     def __init__(

@@ -70,6 +70,7 @@ class IstaOptions(BaseModel):
 @register_method
 class IstaBN(Method):
     name = "ista"
+    scopes = ("inner",)  # it penalises one inner BN per group: no residual streams
     training_aware = True
     Options = IstaOptions
 

@@ -34,6 +34,7 @@ def test_shipped_configs_validate():
         ("train.zero_stage=2", "train.zero_stage = 2: needs train.backend=deepspeed"),
         ("train.grad_accum=0", "train.grad_accum"),
         ("train.grad_clip=-1", "train.grad_clip"),
+        ("data.image_size=2000", "data.image_size"),  # beyond what a pruned model's spec may hold
         ("search.space={prune.method: {grid: [l1, magic]}}", "search.space: prune.method: unknown method 'magic'"),
         ("search.space={prune.options.lossvar.colour: {choice: [1]}}", "lossvar has no option 'colour'"),
         ("search.space={prune.options.lossvar.delta: {choice: [-1]}}", "prune.options.lossvar.delta"),
@@ -136,3 +137,29 @@ def test_epoch_budget_is_checked_with_the_config_not_inside_the_trial():
     with pytest.raises(ConfigError, match="train.budget_epochs"):
         check_config(build_config({"prune": {"method": "sfp", "epochs": 3}, "train": {"budget_epochs": 3}}))
     check_config(build_config({"prune": {"method": "l1", "epochs": 3}, "train": {"budget_epochs": 3}}))
+
+
+@pytest.mark.parametrize("method", ["autopruner", "abp", "ista"])
+def test_methods_that_need_inner_groups_refuse_scope_all_before_any_work(method):
+    with pytest.raises(ConfigError, match=f"prune.method = {method} works with prune.scope = inner, not all"):
+        check_config(load_config(DEMO, [f"prune.method={method}", "prune.scope=all"]))
+    check_config(load_config(DEMO, ["prune.method=sfp", "prune.scope=all"]))  # sfp thins residual streams too
+
+
+def test_a_search_may_not_draw_a_method_with_a_scope_it_cannot_use():
+    cfg = load_config(DEMO, ["prune.scope=all"])  # the demo's space draws autopruner, abp and ista too
+    with pytest.raises(ConfigError, match="search.space: prune.method = autopruner works with prune.scope = inner"):
+        check_config(cfg, for_search=True)
+    check_config(cfg)  # one trial of its prune.method (l1) is fine
+    spaced = load_config(DEMO, ["search.space={prune.method: {choice: [l1, ista]}, prune.scope: {choice: [inner, all]}}"])
+    with pytest.raises(ConfigError, match="prune.method = ista works with prune.scope = inner, not all"):
+        check_config(spaced, for_search=True)
+
+
+def test_search_with_missing_data_is_one_line_before_ray_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "search", str(DEMO), f"data.root={tmp_path / 'none'}",
+         f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"prunepipe: error: data.root = {str(tmp_path / 'none')!r}: not a folder"]
+    assert not (tmp_path / "out" / "baseline").exists()  # no dense baseline was trained first
