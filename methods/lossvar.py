@@ -261,9 +261,11 @@ class LossVariation(Method):
         3. δ again from the rescaled curves; at it, each group's exact threshold on the full
            set by a galloping search from its prediction (two probes when it is right).
         4. If the MACs reduction misses by more than ``tolerance``: every group's curve is
-           rescaled through its exact threshold, the next δ is solved on those (bisection
-           whenever that does not halve the bracket of δs tried), and the searches restart
-           from the k just found.
+           rescaled through its exact threshold; the next δ is a secant in log δ through the
+           two measured reductions nearest the target (the rescaled curves' answer while only
+           one is measured), bisection whenever that does not halve the bracket of δs tried,
+           and at most a doubling (or halving) while the target is not yet bracketed; the
+           searches restart from the k just found.
         """
         tol = self.options.tolerance
         profile = macs_profile(model, ctx.image_size)
@@ -318,13 +320,19 @@ class LossVariation(Method):
                           and self._cache[(g.name, v * step)] > base and _rise_on_curve(curves[g.name], v) > 0]
                 if ratios:
                     scale[g.name] = sum(ratios) / len(ratios)
-            nxt = solve()
+            # the next δ: a secant (in log δ) through the two measured reductions nearest the
+            # target once there are two, else the rescaled curves' answer
+            nxt = _secant(tried, target) if len(tried) >= 2 else None
+            nxt = nxt if nxt is not None else solve()
             bracketed = lo_d > 0 and hi_d < math.inf
             now = math.log(hi_d / lo_d) if bracketed else math.inf
-            # bisect when the rescaled curves disagree with what was measured, or when their
-            # guesses creep up on one side without halving the bracket (as regula falsi can)
-            if not lo_d < nxt < hi_d or now > width / 2:
-                nxt = math.sqrt(lo_d * hi_d) if bracketed else (hi_d / 4 if lo_d == 0 else lo_d * 4)
+            if bracketed:
+                # bisect when the guess leaves the bracket, or when guesses creep up on one side
+                # without halving it (as regula falsi can)
+                if not lo_d < nxt < hi_d or now > width / 2:
+                    nxt = math.sqrt(lo_d * hi_d)
+            else:  # still looking for the other side: at most ×2 per step, and in the right direction
+                nxt = min(max(nxt, lo_d * 1.01), lo_d * 2) if lo_d > 0 else max(min(nxt, hi_d / 1.01), hi_d / 2)
             width = now
             after = predict(nxt)
             # start from the k just found, moved as the rescaled curves say δ's change moves it
@@ -424,6 +432,15 @@ def _rise_on_curve(curve: list[tuple[int, float]], units: float) -> float:
         if units <= u1:
             return r0 + (r1 - r0) * (units - u0) / max(1e-12, u1 - u0)
     return curve[-1][1]
+
+
+def _secant(tried: list[tuple[float, float, Any]], target: float) -> float | None:
+    """δ where the line through the two tried (δ, reduction) pairs nearest the target, in log δ,
+    reaches it; None when they cannot define one."""
+    (d1, r1, _), (d2, r2, _) = sorted(tried, key=lambda t: abs(t[1] - target))[:2]
+    if r1 == r2 or d1 <= 0 or d2 <= 0 or d1 == d2:
+        return None
+    return math.exp(math.log(d1) + (target - r1) * (math.log(d2) - math.log(d1)) / (r2 - r1))
 
 
 def _solve_increasing(f, target: float, lo: float, hi: float) -> float:

@@ -138,3 +138,17 @@ def test_round_to_keeps_widths_multiples(net):
     masks = m.keep_masks(model, ctx)
     assert all(int(mask.sum()) % 8 == 0 and int(mask.sum()) >= 8 for mask in masks.values())
     assert any(int(mask.sum()) < len(mask) for mask in masks.values())
+
+
+def test_secant_in_log_delta_lands_on_a_log_linear_reduction_and_refuses_a_flat_one():
+    import math
+
+    from methods.lossvar import _secant
+
+    def red(d):  # a reduction that is linear in log δ
+        return 0.1 + 0.05 * math.log(d)
+
+    tried = [(d, red(d), None) for d in (0.5, 2.0, 40.0)]
+    # the two tried nearest the target (0.5 and 2.0 for 0.1) define the line; it hits exactly
+    assert _secant(tried, 0.1) == pytest.approx(1.0)
+    assert _secant([(1.0, 0.3, None), (2.0, 0.3, None)], 0.4) is None
