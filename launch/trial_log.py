@@ -173,9 +173,9 @@ class TrialLog:
 
         if not self._told:  # one line per trial, however many calls fail
             self._told = True
-            print(f"[prunepipe] MLflow store {self.cfg.registry.tracking_uri} unreachable ({first_line(err, 160)}): "
-                  f"this trial's params, metrics and model are kept in {self.journal.path}; "
-                  f"`prunepipe sync {self.out}` uploads them", flush=True)
+            print(f"[prunepipe] MLflow store {self.cfg.registry.tracking_uri} unreachable: this trial's params, "
+                  f"metrics and model are kept in {self.journal.path}; `prunepipe sync {self.out}` uploads them "
+                  f"[{first_line(err, 120)}]", flush=True)
         self.online = False
 
     def _send(self, rec: Record) -> None:
