@@ -286,6 +286,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Upload what trials kept in their journals while the MLflow store was unreachable."""
+    from launch.sync import format_rows, sync_output
+
+    if args.tracking_uri is not None:
+        _check_store(args.tracking_uri)
+    rows = sync_output(args.output_dir, args.tracking_uri)
+    print(format_rows(rows) if rows else f"{args.output_dir}: nothing to sync (every journal is already in the store)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunepipe", description="Filter pruning for ResNet-class models: "
                                      "prune, search with Ray Tune, register with MLflow.")
@@ -387,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--tolerance", type=float, default=None, help="top-1 drop allowed (default 0.005)")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("sync", help="upload trials kept on disk while MLflow was unreachable",
+                       description="Replay every trial journal under OUTPUT_DIR that has records the MLflow store "
+                       "never got (params, metrics, the model, a registration): into the run it had, or a new one. "
+                       "Idempotent: a second sync uploads nothing.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a trial's or a search's output_dir")
+    p.add_argument("--tracking-uri", default=None, help="upload there instead of the store each trial was "
+                   "configured with")
+    p.set_defaults(func=cmd_sync)
     return parser
 
 

@@ -34,8 +34,9 @@ from launch.outputs import (
     fingerprint_json,
     prepare_output,
 )
+from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
 from methods import Method, SelectContext, get_method_class, method_names
-from pipeline.config import Config, ConfigError, config_to_dict, flatten, format_error, sampler_values
+from pipeline.config import Config, ConfigError, config_to_dict, format_error, sampler_values
 from pipeline.data.loaders import Loader, build_loader, calibration_set
 from pipeline.distributed import (
     DistInfo,
@@ -144,99 +145,6 @@ def _print_report(info: DistInfo) -> Reporter:
             print(f"[prunepipe] {json.dumps(shown)}", flush=True)
 
     return report
-
-
-class _TrialLog:
-    """MLflow logging of one trial, on rank 0 only (a no-op elsewhere or when disabled).
-
-    The run is named by what it is (``l1 r0.40 <name>``, ``lossvar δ0.02 <name>``), nested
-    under the search's parent run when ``PRUNEPIPE_PARENT_RUN_ID`` names one (the search's
-    workers set it), and carries the data as an MLflow dataset input, the full resolved config
-    as ``config/trial.yaml`` and the model as a pyfunc (:mod:`pipeline.pyfunc_model`)."""
-
-    PARENT_ENV = "PRUNEPIPE_PARENT_RUN_ID"
-    RUN_FILE = ".mlflow_run_id"  # the trial's last run: a SIGKILL leaves it RUNNING, the next start ends it
-
-    def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
-        self.active = info.is_main and cfg.registry.enabled
-        self.run_id: str | None = None
-        if not self.active:
-            return
-        from pipeline import registry  # MLflow: only where it is used
-        from pipeline.data.manifest import read_manifest
-        from pipeline.model_card import CONFIG_ARTIFACT
-
-        self._registry = registry
-        registry.connect(cfg.registry)
-        method = cfg.prune.method
-        # a method configured by a loss budget (δ) shows it instead of the uniform ratio it ignores
-        delta = (cfg.prune.options.get(method) or {}).get("delta")
-        _end_stale_run(Path(cfg.output_dir) / self.RUN_FILE, registry)
-        run = registry.mlflow.start_run(run_name=registry.run_name(method, cfg.prune.prune_ratio, delta, run_name),
-                                        parent_run_id=os.environ.get(self.PARENT_ENV) or None,
-                                        tags={"prunepipe.method": method, registry.TRIAL_TAG: run_name,
-                                              registry.OUTPUT_DIR_TAG: str(cfg.output_dir)})
-        self.run_id = run.info.run_id
-        try:
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / self.RUN_FILE).write_text(self.run_id)
-            registry.log_params(flatten(config_to_dict(cfg)))
-            registry.mlflow.log_dict(config_to_dict(cfg), CONFIG_ARTIFACT)
-            if cfg.data.backend != "synthetic":
-                manifest = read_manifest(cfg.data.root, verify=False)
-                for split in ("train", "val"):
-                    registry.log_dataset(cfg.data.root, split, manifest)
-        except BaseException:
-            # the run is this process's active run: left open, every later start_run would fail
-            self.end("FAILED")
-            raise
-
-    def metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self.active:
-            self._registry.log_metrics(metrics, step=step)
-
-    def artifact(self, path: Path, folder: str) -> None:
-        if self.active:
-            self._registry.mlflow.log_artifact(str(path), artifact_path=folder)
-
-    def finish(self, model_dir: Path, plot: Path | None) -> None:
-        if not self.active:
-            return
-        from pipeline.pyfunc_model import log_pyfunc
-
-        info = log_pyfunc(model_dir)
-        self._registry.mlflow.set_tag(self._registry.MODEL_ID_TAG, info.model_id)
-        if plot is not None:
-            self.artifact(plot, "plots")
-        self._registry.mlflow.end_run()
-        self.active = False
-
-    def end(self, status: str) -> None:
-        """End the run as ``status`` (MLflow's FAILED or KILLED) when the trial stops early, so
-        it never reads FINISHED, nor RUNNING forever. Called while an error propagates."""
-        if not self.active:
-            return
-        self.active = False
-        try:
-            self._registry.mlflow.end_run(status=status)
-        except Exception as err:  # noqa: BLE001 - the trial's own error is the one to report
-            print(f"[prunepipe] could not mark the MLflow run {status}: {str(err).splitlines()[0]}", flush=True)
-
-
-def _end_stale_run(run_file: Path, registry: Any) -> None:
-    """A trial killed outright (SIGKILL, a lost node) never ended its MLflow run, which would
-    read RUNNING for ever; the next start of the same trial marks it KILLED. A run that ended
-    (FINISHED, FAILED, KILLED) is left as it is."""
-    if not run_file.is_file():
-        return
-    old = run_file.read_text().strip()
-    try:
-        if old and registry.mlflow.get_run(old).info.status == "RUNNING":
-            registry.mlflow.MlflowClient().set_terminated(old, status="KILLED")
-            print(f"[prunepipe] the MLflow run {old} of an earlier attempt of this trial was left RUNNING "
-                  "(killed before it could end): marked KILLED", flush=True)
-    except Exception as err:  # noqa: BLE001 - a run deleted or in another store: nothing to mark
-        print(f"[prunepipe] could not check the earlier MLflow run {old}: {str(err).splitlines()[0]}", flush=True)
 
 
 def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:

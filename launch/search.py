@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from launch import objective
-from pipeline import registry
 from pipeline.config import Config, SearchSpaceEntry, build_config, config_to_dict
 
 # On small CPU machines the worker group can take longer than Ray's default to start.
@@ -137,9 +136,11 @@ def run_search(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     trials' MLflow runs nest under one parent run that ends with the search."""
     from launch import search_log
     from launch.recipe import check_config
+    from launch.sync import sync_pending
 
     check_config(cfg, for_search=True)  # every method, option and scope the space may draw, before Ray starts
     parent = search_log.start_parent(cfg)
+    sync_pending(cfg)  # what earlier trials kept on disk while the store was down goes up first
     result, rows = None, []
     try:
         rows = _run_trials(cfg, parent, verbose)
@@ -232,13 +233,11 @@ def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, An
     plot = objective.plot_pareto(rows, front, best, Path(cfg.output_dir) / "pareto.png")
     version = None
     if best is not None and cfg.registry.enabled:
-        client = registry.connect(cfg.registry)
-        metrics = {k: v for k, v in best.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        version = registry.register(client, cfg.registry.model_name, best["run_id"], metrics,
-                                    description=_card(best, cfg))
-        best["registered"] = f"{cfg.registry.model_name} v{version} @challenger"
-        if plot is not None:
-            client.log_artifact(best["run_id"], str(plot), artifact_path="search")
+        from launch.sync import register_best  # a store that does not answer: kept for `prunepipe sync`
+
+        version = register_best(cfg, best, _card(best, cfg), plot)
+        best["registered"] = f"{cfg.registry.model_name} v{version} @challenger" if version else \
+            f"{cfg.registry.model_name}: registration pending (`prunepipe sync {cfg.output_dir}`)"
     return {"rows": rows, "best": best, "version": version, "why": why, "pareto": front, "plot": plot}
 
 

@@ -109,7 +109,22 @@ def start_parent(cfg) -> str | None:
 
 def close_trial_runs(cfg, parent: str, rows: list[dict[str, Any]]) -> int:
     """End every child run still RUNNING (a stopped trial's process was killed before it could)
-    and attach each trial's worker logs; returns how many runs were ended here."""
+    and attach each trial's worker logs; returns how many runs were ended here. A store that
+    does not answer costs one line: ``prunepipe sync`` ends those runs and attaches the logs."""
+    from pipeline.registry import bound_http_retries
+
+    bound_http_retries()
+    try:
+        return _close_trial_runs(cfg, parent, rows)
+    except Exception as err:  # noqa: BLE001 - the trials' journals keep what is missing
+        from pipeline.registry import first_line
+
+        print(f"[prunepipe] MLflow store {cfg.registry.tracking_uri} unreachable ({first_line(err, 160)}): "
+              f"stopped trials' runs not ended, logs not attached; `prunepipe sync {cfg.output_dir}` does it", flush=True)
+        return 0
+
+
+def _close_trial_runs(cfg, parent: str, rows: list[dict[str, Any]]) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.registry.tracking_uri)
@@ -129,21 +144,79 @@ def close_trial_runs(cfg, parent: str, rows: list[dict[str, Any]]) -> int:
 
 
 def finish_parent(cfg, parent: str, result: dict[str, Any] | None, table: str | None, status: str) -> None:
-    """Attach the results table, rows and Pareto plot to the parent run and end it."""
+    """Attach the results table, rows and Pareto plot to the parent run and end it; when the
+    store does not answer, keep all that in ``output_dir``'s journal for ``prunepipe sync``."""
+    from pipeline.registry import bound_http_retries
+
+    bound_http_retries()
+    try:
+        _finish_parent(cfg, parent, result, table, status)
+    except Exception as err:  # noqa: BLE001 - kept in the journal instead
+        from pipeline.registry import first_line
+
+        path = _journal_parent(cfg, parent, result, table, status)
+        print(f"[prunepipe] MLflow store {cfg.registry.tracking_uri} unreachable ({first_line(err, 160)}): the search "
+              f"run's results are kept in {path}; `prunepipe sync {cfg.output_dir}` uploads them", flush=True)
+
+
+def _parent_extras(result: dict[str, Any] | None) -> tuple[dict[str, float], dict[str, str]]:
+    best = (result or {}).get("best")
+    if best is None:
+        return {}, {}
+    metrics = {f"best_{k}": float(best[k]) for k in ("val_top1", "speedup", "macs_reduction")
+               if isinstance(best.get(k), int | float)}
+    return metrics, {"prunepipe.best_run": str(best.get("run_id"))}
+
+
+def _write_results(folder: Path, result: dict[str, Any], table: str | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.md").write_text((table or "") + "\n")
+    (folder / "results.json").write_text(json.dumps(result["rows"], indent=1, default=str))
+
+
+def _finish_parent(cfg, parent: str, result: dict[str, Any] | None, table: str | None, status: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.registry.tracking_uri)
     if result is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "results.md").write_text((table or "") + "\n")
-            (Path(tmp) / "results.json").write_text(json.dumps(result["rows"], indent=1, default=str))
+            _write_results(Path(tmp), result, table)
             client.log_artifacts(parent, tmp, artifact_path="search")
         if result.get("plot"):
             client.log_artifact(parent, str(result["plot"]), artifact_path="search")
-        best = result.get("best")
-        if best is not None:
-            for key in ("val_top1", "speedup", "macs_reduction"):
-                if isinstance(best.get(key), int | float):
-                    client.log_metric(parent, f"best_{key}", float(best[key]))
-            client.set_tag(parent, "prunepipe.best_run", str(best.get("run_id")))
+    metrics, tags = _parent_extras(result)
+    for key, value in metrics.items():
+        client.log_metric(parent, key, value)
+    for key, value in tags.items():
+        client.set_tag(parent, key, value)
     client.set_terminated(parent, status)
+
+
+def _journal_parent(cfg, parent: str, result: dict[str, Any] | None, table: str | None, status: str) -> Path:
+    """The parent run's end as journal records in ``output_dir`` (the records a trial writes)."""
+    import time
+
+    from pipeline.journal import Journal
+    from pipeline.registry import JOURNAL_KEY_TAG
+
+    journal = Journal(cfg.output_dir).open()
+    try:
+        journal.append("start", key=parent, tracking_uri=cfg.registry.tracking_uri, experiment=cfg.registry.experiment,
+                       run_name=f"search {cfg.name}", tags={"prunepipe.kind": "search", JOURNAL_KEY_TAG: parent},
+                       params={}, config=None, datasets=[])
+        journal.append("run", key=parent, run_id=parent)
+        if result is not None:
+            folder = Path(cfg.output_dir) / "search"
+            _write_results(folder, result, table)
+            for path in (folder / "results.md", folder / "results.json", result.get("plot")):
+                if path:
+                    journal.append("artifact", path=str(path), folder="search")
+        metrics, tags = _parent_extras(result)
+        if metrics:
+            journal.append("metrics", metrics=metrics, step=None, ts=int(time.time() * 1000))
+        if tags:
+            journal.append("tags", tags=tags)
+        journal.append("end", status=status)
+    finally:
+        journal.close()
+    return journal.path

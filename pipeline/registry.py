@@ -27,6 +27,8 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 MODEL_ID_TAG = "prunepipe.model_id"
 # a trial run's folder (its worker logs) and its Tune trial id, for the search that ends it
 OUTPUT_DIR_TAG, TRIAL_TAG = "prunepipe.output_dir", "prunepipe.trial"
+# a run's segment of its trial's journal (pipeline/journal.py): `sync` finds the run by it
+JOURNAL_KEY_TAG = "prunepipe.journal_key"
 # MLflow 3's UI opens an experiment without this tag on the GenAI traces overview
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
@@ -46,15 +48,37 @@ def _artifact_root(tracking_uri: str) -> str | None:
     return None  # a server decides
 
 
+# MLflow's HTTP client retries a refused connection 7 times with exponential backoff (about
+# 4 minutes, seen here) before it raises, on every call. A trial keeps its records in its
+# journal (pipeline/journal.py) instead, so it only needs to learn quickly that the store is
+# down: a few seconds for a refused connection, under a minute for a silent host. A user's own
+# setting of these variables wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def bound_http_retries() -> None:
+    """Cap MLflow's HTTP retries and timeout for this process (and the workers it starts),
+    unless the user set them."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
 def connect(cfg: RegistryConfig) -> MlflowClient:
-    """Point MLflow at ``cfg.tracking_uri`` (creating the SQLite folder) and select the experiment."""
+    """Point MLflow at ``cfg.tracking_uri`` (creating the SQLite folder) and select the
+    experiment; :class:`RegistryError` (one line) if the store does not answer."""
     uri = cfg.tracking_uri
+    bound_http_retries()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # child processes (Ray workers) see the same store
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
+    try:
+        exp = client.get_experiment_by_name(cfg.experiment)
+    except Exception as err:  # noqa: BLE001 - MLflow wraps a refused connection in its generic exception
+        raise RegistryError(f"registry.tracking_uri = {uri}: the MLflow store does not answer "
+                            f"({first_line(err)})") from None
     if exp is None:
         root = _artifact_root(uri)
         try:
@@ -67,6 +91,12 @@ def connect(cfg: RegistryConfig) -> MlflowClient:
     return client
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (MLflow's messages carry whole tracebacks of the cause)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def run_name(method: str, ratio: float | None, delta: float | None = None, suffix: str = "") -> str:
     """What a person reads in the runs list: ``lossvar δ0.02`` or ``l1 r0.40`` (δ for the
     methods that set their rates from a loss budget instead of the uniform ratio)."""
@@ -74,39 +104,66 @@ def run_name(method: str, ratio: float | None, delta: float | None = None, suffi
     return " ".join(p for p in (method, knob, suffix) if p)
 
 
-def log_dataset(root: str | Path, split: str, manifest: dict[str, Any]) -> None:
-    """The shards' folder as an MLflow dataset input of the active run (``context`` = split).
-
-    Only metadata is logged (:class:`mlflow.data.meta_dataset.MetaDataset`): its digest is the
-    manifest's and the split's (MLflow keeps one input per digest in a run), so two runs on the
-    same shards show the same datasets."""
+def dataset_ref(root: str | Path, split: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """What identifies the shards' folder as an MLflow dataset input (``context`` = split):
+    its resolved path, name and a digest of the manifest and the split (MLflow keeps one input
+    per digest in a run, so two runs on the same shards show the same datasets). Small and
+    JSON-able: a trial's journal keeps it instead of the whole manifest."""
     import hashlib
     import json
 
+    digest = hashlib.sha256(json.dumps([manifest, split], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"source": str(Path(root).resolve()), "name": str(manifest.get("name") or Path(root).name),
+            "digest": digest, "split": split}
+
+
+def log_datasets(refs: list[dict[str, str]], run_id: str) -> None:
+    """The :func:`dataset_ref` entries as dataset inputs of run ``run_id`` (metadata only:
+    :class:`mlflow.data.meta_dataset.MetaDataset`)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    digest = hashlib.sha256(json.dumps([manifest, split], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    name = str(manifest.get("name") or Path(root).name)
-    ds = MetaDataset(source=resolve_dataset_source(str(Path(root).resolve())), name=name, digest=digest)
-    mlflow.log_input(ds, context=split)
-
-
-def log_params(params: dict[str, Any]) -> None:
-    # MLflow caps a value at 6000 characters and a batch at 100 params
-    items = [(k, str(v)[:500]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        mlflow.log_params(dict(items[i : i + 100]))
+    inputs = [DatasetInput(MetaDataset(source=resolve_dataset_source(r["source"]), name=r["name"],
+                                       digest=r["digest"])._to_mlflow_entity(),
+                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["split"])]) for r in refs]
+    if inputs:
+        MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
-def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+def log_dataset(root: str | Path, split: str, manifest: dict[str, Any], run_id: str | None = None) -> None:
+    """The shards' folder as a dataset input of run ``run_id`` (default: the active run)."""
+    log_datasets([dataset_ref(root, split, manifest)], run_id or mlflow.active_run().info.run_id)
 
 
-def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[str, Any], alias: str = CHALLENGER,
-             description: str | None = None) -> int:
+def param_values(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (a value is capped at 6000 characters; 500 is plenty)."""
+    return {k: str(v)[:500] for k, v in params.items()}
+
+
+def log_params(params: dict[str, Any], run_id: str | None = None) -> None:
+    items = list(param_values(params).items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_params(dict(items[i : i + 100]), run_id=run_id)
+
+
+def metric_values(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None, run_id: str | None = None,
+                timestamp: int | None = None) -> None:
+    """Numbers of ``metrics``; a given ``timestamp`` (ms) makes logging the same record twice a
+    no-op (MLflow drops a metric equal in key, value, step and timestamp)."""
+    mlflow.log_metrics(metric_values(metrics), step=step, run_id=run_id, timestamp=timestamp)
+
+
+def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[str, Any],
+             alias: str | None = CHALLENGER, description: str | None = None) -> int:
     """Register the run's pyfunc model (or, for older runs, its ``model/`` folder) as a new
-    version with its metrics as tags and ``description`` (the model card), and alias it."""
+    version with its metrics as tags and ``description`` (the model card), and alias it
+    (unless ``alias`` is None)."""
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -118,8 +175,14 @@ def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[s
     tags = {k: f"{float(metrics[k]):.6g}" for k in VERSION_METRICS if k in metrics}
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, model_id=model_id,
                                      description=description)
-    client.set_registered_model_alias(model_name, alias, mv.version)
+    if alias is not None:
+        client.set_registered_model_alias(model_name, alias, mv.version)
     return int(mv.version)
+
+
+def versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list:
+    """The versions of ``model_name`` registered from run ``run_id`` (none if the model is new)."""
+    return list(client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"))
 
 
 def resolve_version(client: MlflowClient, uri: str, store: str | None = None):
