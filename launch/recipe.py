@@ -411,7 +411,10 @@ def save(trial: Trial) -> dict[str, Any]:
             kept_w = {g.name: int(trial.masks[g.name].sum()) for g in trial.groups}
             plot = width_plot(dense_w, kept_w, f"{cfg.model.arch} · {cfg.prune.method} · ratio {cfg.prune.prune_ratio:.2f}",
                               trial.out / "widths.png")
-        trial.log.metrics({k: v for k, v in final.items() if not k.startswith("dense_") or k == "dense_val_top1"})
+        # at the last epoch's step, logged after it: MLflow's "latest" value is then this final
+        # evaluation (without a step it went to step 0 and the UI showed the last epoch's figure)
+        trial.log.metrics({k: v for k, v in final.items() if not k.startswith("dense_") or k == "dense_val_top1"},
+                          step=total_epochs)
         trial.log.finish(model_dir, plot)
     final["model_dir"] = str(model_dir)
     final["run_id"] = broadcast_object(trial.log.run_id, info)
