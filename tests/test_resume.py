@@ -127,3 +127,19 @@ def test_console_prints_a_trials_final_result_once():
     view.on_trial_result(0, [], trial, final)  # from the workers
     view.on_trial_result(0, [], trial, final)  # handed over again by the trial's driver
     assert len(lines) == 1
+
+
+def test_a_new_search_ends_the_left_over_parent_run_of_a_killed_one(tmp_path):
+    """Without --resume a rerun starts afresh; the killed search's parent run does not stay RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import registry
+
+    cfg = _cfg(tmp_path, "registry.enabled=true", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    client = registry.connect(cfg.registry)
+    exp = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+    old, new = (client.create_run(exp).info.run_id for _ in range(2))
+    resume.record(cfg, old)  # the search whose driver was SIGKILLed: its parent stays RUNNING
+    resume.record(cfg, new)
+    client = MlflowClient(cfg.registry.tracking_uri)
+    assert client.get_run(old).info.status == "KILLED" and client.get_run(new).info.status == "RUNNING"
