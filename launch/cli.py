@@ -105,8 +105,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if cfg.data.backend != "synthetic":
         read_manifest(cfg.data.root)  # here, as one line: inside Ray it is a worker's traceback
     check_writable(cfg)
+    if args.resume:
+        from launch.resume import check
+
+        check(cfg)  # nothing to resume, or other settings: one line, before a baseline is trained
     cfg = ensure_baseline(cfg, verbose=args.verbose)
-    result = run_search(cfg, verbose=args.verbose)
+    result = run_search(cfg, verbose=args.verbose, resume=args.resume)
     print()
     print(format_table(result["rows"], result["best"], result.get("why")))
     if result.get("plot"):
@@ -346,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--verbose", action="store_true", help="show every worker's output and Ray's status box (by "
                    "default one line per trial event; the full logs are in each trial's logs/ folder and MLflow run)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in output_dir/tune/NAME "
+                   "(same config and overrides): finished trials are kept, unfinished ones resume from their last "
+                   "epoch's checkpoint; by default a rerun starts a new search beside it")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("show", help="describe a pruned model", description="Load a pruned model from a folder or "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import objective
+from launch import resume as resuming
 from pipeline.config import Config, SearchSpaceEntry, build_config, config_to_dict
 
 # On small CPU machines the worker group can take longer than Ray's default to start.
@@ -68,7 +69,7 @@ def _report_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | str) and not isinstance(v, bool)}
 
 
-def _train_worker(loop_config: dict[str, Any]) -> None:
+def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker: the very same recipe as `prunepipe prune`."""
     import ray.train
 
@@ -87,8 +88,10 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     # run_trial's last report carries "final": 1 ("done" is Tune's own key), sent only after
-    # the model is saved and logged
-    run_trial(cfg, report=report, run_name=loop_config["trial_id"])
+    # the model is saved and logged; returned too, for the trial's driver (see _trial_driver)
+    final = _report_numbers(run_trial(cfg, report=report, run_name=loop_config["trial_id"]))
+    final.setdefault("val_top1", final.get("pruned_val_top1", 0.0))
+    return final
 
 
 def _trial_driver(tune_config: dict[str, Any]) -> None:
@@ -102,7 +105,13 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
     overrides = {k: v for k, v in tune_config.items() if not k.startswith("__")}
     trial_name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
     # deterministic per-trial folders: a restarted trial finds its own checkpoint
-    overrides["output_dir"] = str(Path(base["output_dir"]) / "trials" / trial_name)
+    trial_dir = Path(base["output_dir"]) / "trials" / trial_name
+    overrides["output_dir"] = str(trial_dir)
+    done = resuming.finished_result(trial_dir)
+    if done is not None:
+        # a resumed search whose saved state missed this trial's end: its result, not a rerun
+        tune.report(done)
+        return
     overrides["name"] = trial_name
     cfg = build_config(base, overrides)
     s = cfg.search
@@ -125,31 +134,43 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
     )
     result = trainer.fit()
     # TuneReportCallback hands results over through a one-slot queue that is not drained once
-    # this function returns: the last reports of a trial were seen lost. The trainer's own
-    # Result holds rank 0's last report, so hand that to Tune directly.
-    if result.metrics and result.metrics.get("final"):
-        tune.report(dict(result.metrics))
+    # this function returns: the last reports of a trial were seen lost. Ray Train V2's
+    # Result.metrics are those of the last *checkpoint* (None here: the recipe keeps its own),
+    # but Result.return_value is what rank 0's worker function returned: the final metrics.
+    final = result.return_value
+    if isinstance(final, dict) and final.get("final"):
+        resuming.save_result(trial_dir, final)  # before Tune hears of the end (resume.py)
+        tune.report(final)
 
 
-def run_search(cfg: Config, verbose: bool = False) -> dict[str, Any]:
+def run_search(cfg: Config, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
     """Search ``cfg.search.space``, register the best trial's model as ``challenger``; the
-    trials' MLflow runs nest under one parent run that ends with the search."""
+    trials' MLflow runs nest under one parent run that ends with the search. ``resume``
+    continues the interrupted search of this name and output_dir (launch/resume.py)."""
     from launch import search_log
     from launch.recipe import check_config
     from launch.sync import sync_pending
 
     check_config(cfg, for_search=True)  # every method, option and scope the space may draw, before Ray starts
-    parent = search_log.start_parent(cfg)
+    if resume:
+        parent = resuming.check(cfg).get("parent_run_id")
+        resuming.reopen_parent(cfg, parent)
+    else:
+        parent = search_log.start_parent(cfg)
+        resuming.record(cfg, parent)
     sync_pending(cfg)  # what earlier trials kept on disk while the store was down goes up first
     result, rows = None, []
     try:
-        rows = _run_trials(cfg, parent, verbose)
+        rows = _run_trials(cfg, parent, verbose, resume)
         result = _decide(rows, cfg)
-    except BaseException:
+    except BaseException as err:
         if parent:
             search_log.close_trial_runs(cfg, parent, rows)
-            search_log.finish_parent(cfg, parent, None, None, "FAILED")
+            # KILLED: interrupted, to be resumed; FAILED: it broke
+            status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+            search_log.finish_parent(cfg, parent, None, None, status)
         raise
+    resuming.mark_finished(cfg, result["version"])
     if parent:
         search_log.close_trial_runs(cfg, parent, rows)
         search_log.finish_parent(cfg, parent, result, format_table(rows, result["best"], result.get("why")), "FINISHED")
@@ -157,22 +178,20 @@ def run_search(cfg: Config, verbose: bool = False) -> dict[str, Any]:
     return result
 
 
-def _run_trials(cfg: Config, parent: str | None, verbose: bool) -> list[dict[str, Any]]:
-    """Run the Tune search; one row per trial (its metrics, or how it ended)."""
+def _new_tuner(cfg: Config, parent: str | None, verbose: bool):
+    """The Tune search over ``cfg.search.space``: ASHA on epochs, seeded draws, one line per event."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from launch.search_log import ConsoleView
 
-    base = config_to_dict(cfg)
     s = cfg.search
-    init_ray(cfg, verbose)
     param_space: dict[str, Any] = {k: _sampler(v) for k, v in s.space.items()}
-    param_space["__base__"] = base
+    param_space["__base__"] = config_to_dict(cfg)
     param_space["__parent__"] = parent
     max_t = cfg.train.budget_epochs or (cfg.prune.epochs + cfg.train.epochs) or 1
-    tuner = tune.Tuner(
+    return tune.Tuner(
         _trial_driver,
         param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -191,7 +210,24 @@ def _run_trials(cfg: Config, parent: str | None, verbose: bool) -> list[dict[str
         run_config=tune.RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / "tune"),
                                   verbose=2 if verbose else 0, callbacks=[] if verbose else [ConsoleView(s.metric)]),
     )
-    grid = tuner.fit()
+
+
+def _run_trials(cfg: Config, parent: str | None, verbose: bool, resume: bool = False) -> list[dict[str, Any]]:
+    """Run the Tune search, or continue the saved one when ``resume``; one row per trial (its
+    metrics, or how it ended). Ctrl-C: :class:`~launch.resume.SearchInterrupted`."""
+    from ray import tune
+
+    init_ray(cfg, verbose)
+    if resume:
+        # Tune's pickled search space, scheduler and searcher, checked against cfg by resume.check.
+        # Errored trials too: one whose workers died more than max_failures times (a lost node)
+        # gets another chance, from its checkpoint; finished ones are kept as they are
+        tuner = tune.Tuner.restore(str(resuming.experiment_dir(cfg)), trainable=_trial_driver,
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, parent, verbose)
+    with resuming.SigintWatch() as watch:
+        grid = tuner.fit()
     if not os.environ.get("RAY_ADDRESS"):
         # the finalists are re-measured "alone": a local Ray's daemons and the last trial's
         # workers winding down would share the cores (seen: every re-measurement flagged noisy)
@@ -199,6 +235,10 @@ def _run_trials(cfg: Config, parent: str | None, verbose: bool) -> list[dict[str
 
         ray.shutdown()
         time.sleep(2)
+    if watch.interrupted:
+        print(f"[prunepipe] search interrupted; its state is in {resuming.experiment_dir(cfg)}: continue it with "
+              "`prunepipe search <the same config and overrides> --resume`", flush=True)
+        raise resuming.SearchInterrupted
     rows = []
     for result in grid:
         m = result.metrics or {}

@@ -72,6 +72,8 @@ class ConsoleView(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
         if result.get("final"):
+            if trial.trial_id in self.final:
+                return  # the trial's driver hands the final result over again (launch/search.py)
             self.final.add(trial.trial_id)
         if isinstance(value, int | float) and (self.best is None or value > self.best[0]):
             self.best = (float(value), self._name(trial))
