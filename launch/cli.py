@@ -102,13 +102,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
     check_config(cfg, for_search=True)  # every (method, scope) the space may draw
-    if cfg.data.backend != "synthetic":
-        read_manifest(cfg.data.root)  # here, as one line: inside Ray it is a worker's traceback
-    check_writable(cfg)
     if args.resume:
         from launch.resume import check
 
         check(cfg)  # nothing to resume, or other settings: one line, before a baseline is trained
+    if cfg.data.backend != "synthetic":
+        read_manifest(cfg.data.root)  # here, as one line: inside Ray it is a worker's traceback
+    check_writable(cfg)
     cfg = ensure_baseline(cfg, verbose=args.verbose)
     result = run_search(cfg, verbose=args.verbose, resume=args.resume)
     print()
