@@ -461,7 +461,7 @@ def test_interrupt_prints_one_line_and_ends_the_run_killed(sig, code, word, tmp_
     db = tmp_path / "store" / "mlflow.db"
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *prune_args(DEMO, out, *TINY, "measure.rounds=5000")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                            env={**os.environ, "TQDM_DISABLE": "1", "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.monotonic() + 300
         while "RUNNING" not in _run_status(db):  # the MLflow run has started: the trial is under way
@@ -469,7 +469,14 @@ def test_interrupt_prints_one_line_and_ends_the_run_killed(sig, code, word, tmp_
             time.sleep(0.5)
         time.sleep(2)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            # seen twice in full fresh-clone suites, never alone: show where it hangs (faulthandler
+            # prints every thread's stack on SIGABRT) instead of a bare timeout
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=60)
+            pytest.fail(f"no exit 120 s after signal {sig}; run status {_run_status(db)}; stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
