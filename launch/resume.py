@@ -25,12 +25,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, config_to_dict, flatten
+from pipeline.textfiles import write_atomically
 
 STATE = "prunepipe-search.json"
 RESULT = "result.json"
@@ -62,12 +62,10 @@ def fingerprint(cfg: Config) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically (temp file + rename): a driver killed mid-write leaves the old file or the new."""
+    """Atomically: a driver killed mid-write leaves the old file or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, sort_keys=True, default=str)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_state(cfg: Config) -> dict[str, Any] | None:

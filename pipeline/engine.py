@@ -6,8 +6,6 @@ recipe calls these in order.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from tqdm import tqdm
 from pipeline.backends import TrainingBackend, make_backend
 from pipeline.data.errors import BadDataError
 from pipeline.distributed import DistInfo, all_reduce_sum, control_group
+from pipeline.textfiles import write_atomically
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
@@ -373,14 +372,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], info: DistInfo) -
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:

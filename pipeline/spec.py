@@ -9,8 +9,6 @@ registry is safe to load.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from torch import nn
 
 from pipeline.config import ARCHS
 from pipeline.models import MAX_CLASSES, build_model, read_safetensors
-from pipeline.textfiles import read_text_file
+from pipeline.textfiles import read_text_file, write_atomically
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -144,8 +142,8 @@ def save_pruned(model: nn.Module, folder: str | Path, spec: dict[str, Any]) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
-    _atomic(folder / SPEC_FILE, lambda p: Path(p).write_text(json.dumps(spec, indent=1, sort_keys=True)))
+    write_atomically(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
+    write_atomically(folder / SPEC_FILE, lambda p: Path(p).write_text(json.dumps(spec, indent=1, sort_keys=True)))
     return folder
 
 
@@ -183,17 +181,6 @@ def load_pruned(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as err:
         raise SpecError(f"{str(weights)!r} does not match its spec: {str(err).splitlines()[0]}") from None
     return model.eval(), spec
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def stage_widths(spec: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,8 +1,12 @@
 """Small text files given by users (configs, specs, manifests): read with a size cap, and every
-way a path can be wrong (missing, a folder, a device, binary, not UTF-8) as one line."""
+way a path can be wrong (missing, a folder, a device, binary, not UTF-8) as one line; and the
+one way files are written so that a crash never leaves half of one."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -34,3 +38,18 @@ def read_text_file(path: Path, what: str, limit: int, error: type[Exception]) ->
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise error(f"{what} is not UTF-8 text (byte {err.start})") from None
+
+
+def write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one
+    rename: a crash (even SIGKILL) leaves the old file or the new one, never half of one. The
+    temporary file is named ``.<name>.<random>``, which start-up cleanup knows to remove."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

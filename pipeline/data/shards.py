@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.textfiles import write_atomically
+
 INDEX_VERSION = "v1.2"
 
 
@@ -115,15 +117,7 @@ def _write_index_file(path: str | Path, entries: list[IndexEntry]) -> None:
 
 def write_index(path: str | Path, entries: list[IndexEntry]) -> None:
     """Write an index (of a whole shard or of a subset of its samples: DALI reads either)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        _write_index_file(tmp, entries)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: _write_index_file(tmp, entries))
 
 
 def read_index(path: str | Path, max_bytes: int = 1 << 30) -> list[IndexEntry]:
