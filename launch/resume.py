@@ -140,17 +140,17 @@ def reopen_parent(cfg: Config, parent_run_id: str | None) -> None:
         client.update_run(parent_run_id, status="RUNNING")
     except MlflowException as err:
         raise ConfigError(f"search --resume: the search's MLflow run {parent_run_id} is not in "
-                          f"{cfg.registry.tracking_uri} ({str(err).splitlines()[0]})") from None
+                          f"{cfg.registry.tracking_uri} ({registry.first_line(err)})") from None
 
 
 def _end_if_running(cfg: Config, run_id: str) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg.registry.tracking_uri)
+    from pipeline.registry import end_if_running
+
     try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
+        end_if_running(MlflowClient(cfg.registry.tracking_uri), run_id)
     except MlflowException:
         pass  # deleted, or in another store: nothing to end
 

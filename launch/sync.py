@@ -128,6 +128,7 @@ def _find_run(journal: Journal, seg: Segment, client, exp_id: str) -> str:
 
 def _sync_segment(journal: Journal, seg: Segment, folder: str, uri: str, clients: dict) -> Uploaded:
     from launch.trial_log import APPLY
+    from pipeline import registry
 
     client, exp_id = _client(uri, seg.start.data["experiment"], clients)
     row = Uploaded(folder=folder, run_name=seg.start.data["run_name"])
@@ -148,10 +149,9 @@ def _sync_segment(journal: Journal, seg: Segment, folder: str, uri: str, clients
     logs = journal.path.parent / "logs"
     if logs.is_dir():  # the search attaches workers' logs when it ends; it may not have reached the store
         client.log_artifacts(run_id, str(logs), artifact_path="logs")
-    if not seg.ended() and client.get_run(run_id).info.status == "RUNNING":
-        # we hold the journal's lock: the trial is not running, it died before ending its run
+    # we hold the journal's lock: the trial is not running, it died before ending its run
+    if not seg.ended() and registry.end_if_running(client, run_id):
         client.set_tag(run_id, ENDED_BY_TAG, "sync (the trial stopped before it could end its run)")
-        client.set_terminated(run_id, "KILLED")
     row.status = client.get_run(run_id).info.status
     journal.append("synced", key=seg.key, upto=seg.last_seq, notes=row.notes)
     return row

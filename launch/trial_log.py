@@ -213,7 +213,9 @@ class TrialLog:
         try:
             self._close(status)
         except Exception as err:  # noqa: BLE001 - the trial's own error is the one to report
-            print(f"[prunepipe] could not mark the MLflow run {status}: {str(err).splitlines()[0]}", flush=True)
+            from pipeline.registry import first_line
+
+            print(f"[prunepipe] could not mark the MLflow run {status}: {first_line(err)}", flush=True)
 
     def _close(self, status: str) -> None:
         self.active = False
@@ -234,9 +236,8 @@ def end_stale_run(run_file: Path, registry: Any) -> None:
         return
     old = run_file.read_text().strip()
     try:
-        if old and registry.mlflow.get_run(old).info.status == "RUNNING":
-            registry.mlflow.MlflowClient().set_terminated(old, status="KILLED")
+        if old and registry.end_if_running(registry.MlflowClient(), old):
             print(f"[prunepipe] the MLflow run {old} of an earlier attempt of this trial was left RUNNING "
                   "(killed before it could end): marked KILLED", flush=True)
     except Exception as err:  # noqa: BLE001 - a run deleted or in another store: nothing to mark
-        print(f"[prunepipe] could not check the earlier MLflow run {old}: {str(err).splitlines()[0]}", flush=True)
+        print(f"[prunepipe] could not check the earlier MLflow run {old}: {registry.first_line(err)}", flush=True)

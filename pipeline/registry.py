@@ -180,6 +180,15 @@ def register(client: MlflowClient, model_name: str, run_id: str, metrics: dict[s
     return int(mv.version)
 
 
+def end_if_running(client: MlflowClient, run_id: str, status: str = "KILLED") -> bool:
+    """End run ``run_id`` as ``status`` if it still reads RUNNING (its process died before it
+    could end it); True if it did. A run that ended is left as it is."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status)
+    return True
+
+
 def versions_of_run(client: MlflowClient, model_name: str, run_id: str) -> list:
     """The versions of ``model_name`` registered from run ``run_id`` (none if the model is new)."""
     return list(client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"))
