@@ -32,12 +32,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. prune.prune_ratio=0.4")
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, for_search: bool = False):
     """The validated config: the core schema, then what only the recipe knows (method names and
-    options), so a bad ``prune.method`` or option stops here, before any work."""
+    options; for a search, every method and scope it may draw), so a bad ``prune.method`` or
+    option stops here, before any work."""
     from launch.recipe import check_config
 
-    return check_config(absolutize(load_config(args.config, args.overrides)))
+    return check_config(absolutize(load_config(args.config, args.overrides)), for_search=for_search)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -94,14 +95,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from launch.outputs import check_writable
-    from launch.recipe import check_config
     from launch.search import ensure_baseline, format_table, run_search
     from pipeline.data.manifest import read_manifest
 
-    cfg = _load(args)
+    cfg = _load(args, for_search=True)
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
-    check_config(cfg, for_search=True)  # every (method, scope) the space may draw
     if args.resume:
         from launch.resume import check
 

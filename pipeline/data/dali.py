@@ -279,10 +279,6 @@ class DaliLoader:
                 self.trace.extend(self._source(info[i]) for i in ok.nonzero().flatten().tolist())
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last strides
-            if self.device.type == "cuda":
-                # pinned (cached) host memory lets the label copy run asynchronously, as the PyTorch
-                # loader's pin_memory does; on an H100 it changed no measured rate (docs/benchmarks.md §9)
-                labels = labels.pin_memory().to(self.device, non_blocking=True)
             yield images.to(self.device), labels.to(self.device), n
 
     def _source(self, info: torch.Tensor) -> tuple[str, str]:
