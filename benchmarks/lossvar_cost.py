@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--target", type=float, default=0.42, help="MACs reduction the δ search aims at")
     ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--coarse-points", type=int, default=None, help="lossvar option coarse_points")
+    ap.add_argument("--coarse-fraction", type=float, default=None, help="lossvar option coarse_fraction")
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--logit-scale", type=float, default=100.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -65,8 +67,12 @@ def main() -> None:
             model(xb)
     sync()
     forward_s = time.perf_counter() - t0
+    options = {"target_macs_reduction": args.target}
+    for knob in ("coarse_points", "coarse_fraction"):
+        if getattr(args, knob) is not None:
+            options[knob] = getattr(args, knob)
     method = get_method_class("lossvar")(groups, 0.0, round_to=args.round_to,
-                                         options={"target_macs_reduction": args.target}, image_size=args.image_size)
+                                         options=options, image_size=args.image_size)
     method.keep_masks(model, SelectContext(calib=calib, image_size=args.image_size))
     s = method.summary()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"

@@ -308,6 +308,54 @@ def test_unwritable_output_or_store_stops_before_work(override, needle, tmp_path
     assert needle in line  # not "data.root": checked before the data is opened
 
 
+def _without_root_file_access() -> None:
+    """In the child, before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the bounding
+    set, so that a root process obeys file modes as their owner (the tests may run as root, where
+    chmod alone binds nothing)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("target, needle", [
+    ("db", "registry.tracking_uri: '{db}' is not writable"),
+    ("artifacts", "registry.tracking_uri: '{artifacts}' is not writable"),
+    ("out", "output_dir: '{out}' is not writable"),
+])
+def test_read_only_store_or_output_stops_before_work(target, needle, tmp_path):
+    """chmod'ed read-only: an existing SQLite store, its artifact folder, or the output folder.
+    Seen before the check: a read-only store retried 108 s, then a traceback, after the cut, the
+    measurement and an epoch. Now one line before any work, and the store is untouched."""
+    out, store = tmp_path / "out", tmp_path / "store"
+    paths = {"db": store / "mlflow.db", "artifacts": store / "artifacts", "out": out}
+    paths["artifacts"].mkdir(parents=True)
+    out.mkdir()
+    with sqlite3.connect(paths["db"]) as con:  # a store with something in it that must survive
+        con.execute("create table runs (status text)")
+        con.execute("insert into runs values ('FINISHED')")
+    before = tree(store)
+    paths[target].chmod(0o444 if target == "db" else 0o555)
+    preexec = _without_root_file_access if os.geteuid() == 0 else None
+    try:
+        proc = subprocess.run([sys.executable, "-m", "launch.cli", *prune_args(DEMO, out, *TINY)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120, preexec_fn=preexec, env={**os.environ, "TQDM_DISABLE": "1"})
+    except subprocess.SubprocessError as err:
+        if "prctl" in str(err):
+            pytest.skip(f"cannot drop root's file access here: {err}")
+        raise
+    finally:
+        paths[target].chmod(0o644 if target == "db" else 0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert needle.format(**paths) in proc.stderr
+    assert tree(store) == before and list(out.iterdir()) == []  # nothing written, the store as it was
+
+
 # --- specs of pruned models -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pruned_folder(tmp_path_factory) -> Path:
