@@ -41,7 +41,7 @@ def sync_output(root: str | Path, tracking_uri: str | None = None, only_uri: str
                 print_fn=print) -> list[Uploaded]:
     """Replay every pending journal segment under ``root`` into ``tracking_uri`` (default: the
     store each trial was configured with). ``only_uri``: only segments logged for that store."""
-    from tqdm import tqdm
+    from pipeline.progress import progress
 
     root = Path(root)
     if not root.is_dir():
@@ -51,7 +51,7 @@ def sync_output(root: str | Path, tracking_uri: str | None = None, only_uri: str
         raise ConfigError(f"OUTPUT_DIR {root}: no trial journal ({JOURNAL}) under it; nothing to sync")
     rows: list[Uploaded] = []
     clients: dict[tuple[str, str], Any] = {}
-    for path in tqdm(journals, desc="sync", unit="trial", disable=len(journals) < 5):
+    for path in progress(show=len(journals) >= 5, iterable=journals, desc="sync", unit="trial"):
         rows += _sync_journal(path, root, tracking_uri, only_uri, clients, print_fn)
     return rows
 

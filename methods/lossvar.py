@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from methods.base import Method, SelectContext, register_method
 from methods.staged import StagedForward
+from pipeline.progress import progress
 from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile
 
 
@@ -219,7 +220,7 @@ class LossVariation(Method):
         t0 = time.perf_counter()
         self._staged = StagedForward(model, ctx.calib, ctx.image_size, ctx.info)
         main = ctx.info is None or ctx.info.is_main
-        self._bar = tqdm(desc="lossvar probes", unit="group", disable=not main, leave=False, dynamic_ncols=True)
+        self._bar = progress(show=main, desc="lossvar probes", unit="group", leave=False, dynamic_ncols=True)
         try:
             self._staged.prepare(0)
             base = self._staged.loss_from(0)

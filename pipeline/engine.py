@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.backends import TrainingBackend, make_backend
 from pipeline.data.errors import BadDataError
 from pipeline.distributed import DistInfo, all_reduce_sum, control_group
+from pipeline.progress import progress
 from pipeline.textfiles import write_atomically
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def train_epoch(
     _check_equal_steps(expected, info)
     errors = getattr(loader, "errors", None)
     bad_before = errors.total if errors is not None else 0
-    bar = tqdm(total=expected, desc=desc, disable=not info.is_main, leave=False, dynamic_ncols=True)
+    bar = progress(show=info.is_main, total=expected, desc=desc, leave=False, dynamic_ncols=True)
     steps = 0
     started = time.perf_counter()
     for (images, labels), last in _mark_last(lockstep(loader, info)):

@@ -48,6 +48,7 @@ from pipeline.data.imagenet_source import SourceTree, scan_source
 from pipeline.data.imagenet_stats import IMAGENET_MEAN, IMAGENET_STD, compute_stats
 from pipeline.data.manifest import MANIFEST, DatasetError
 from pipeline.data.shards import ShardError, index_path, read_index
+from pipeline.progress import progress
 
 __all__ = ["ConvertOptions", "ConversionResult", "convert_imagenet", "make_plan"]
 
@@ -280,14 +281,14 @@ def _run_tasks(opts: ConvertOptions, tasks: list[ShardTask], total: int, done: i
     workers = min(opts.workers or 1, len(tasks)) or 1
 
     def bar() -> tqdm:
-        return tqdm(total=total, initial=done, desc="imagenet", unit="img", disable=not opts.progress,
-                    dynamic_ncols=True)
+        return progress(show=opts.progress, total=total, initial=done, desc="imagenet", unit="img",
+                        dynamic_ncols=True)
 
     try:
         if workers == 1:
-            with bar() as progress:
+            with bar() as shown:
                 for task in tasks:
-                    convert_shard(task, tick=progress.update)
+                    convert_shard(task, tick=shown.update)
             return 1
         # fork: a worker needs only this module, already imported (spawn would import torch again
         # through pipeline.data in every worker). The pool starts before the bar's monitor thread.
@@ -296,7 +297,7 @@ def _run_tasks(opts: ConvertOptions, tasks: list[ShardTask], total: int, done: i
         # the plan of full ImageNet is ~0.5 GB of Python objects: frozen, the workers' garbage
         # collector does not walk (and so copy-on-write duplicate) them
         gc.freeze()
-        with ctx.Pool(workers, initializer=init_worker, initargs=(counter,)) as pool, bar() as progress:
+        with ctx.Pool(workers, initializer=init_worker, initargs=(counter,)) as pool, bar() as shown:
             results = pool.imap_unordered(convert_shard, tasks, chunksize=1)
             for _ in range(len(tasks)):
                 while True:
@@ -304,8 +305,8 @@ def _run_tasks(opts: ConvertOptions, tasks: list[ShardTask], total: int, done: i
                         results.next(timeout=0.25)
                         break
                     except mp.TimeoutError:
-                        progress.update(done + counter.value - progress.n)
-                progress.update(done + counter.value - progress.n)
+                        shown.update(done + counter.value - shown.n)
+                shown.update(done + counter.value - shown.n)
         return workers
     except KeyboardInterrupt:
         raise DatasetError("interrupted: rerun the same command to continue (finished shards are kept)") from None

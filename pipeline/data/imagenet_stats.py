@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.shards import index_path, iter_members, read_index
+from pipeline.progress import progress as progress_bar
 
 # torchvision's ImageNet normalisation (the values its pretrained weights expect)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,7 +45,7 @@ def compute_stats(root: Path, shards: list[dict[str, Any]], samples: int, seed: 
     total = np.zeros(3)
     squares = np.zeros(3)
     n = 0
-    with tqdm(total=len(chosen), desc="stats", unit="img", disable=not progress) as bar:
+    with progress_bar(show=progress, total=len(chosen), desc="stats", unit="img") as bar:
         for path, entries in by_shard.items():
             entries.sort(key=lambda e: e.end())
             for _, comps in iter_members(root / path, entries):
