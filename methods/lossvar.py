@@ -38,8 +38,9 @@ The δ search for a MACs target does not re-run every group's search at each δ 
 cost ~600 FFE on ResNet-101). A coarse pass probes each group at ``coarse_points`` evenly
 spaced k on the first ``coarse_fraction`` of every calibration batch (cheap, noisy); the
 interpolated curves predict δ and every group's k there; exact thresholds on the full set are
-then found by galloping from the predictions, and if the MACs reduction misses, the curves'
-error at that δ corrects the next δ (bisection whenever that does not halve the bracket).
+then found from the predictions by an interpolation search through the nearest full-set probes
+(every one made so far is kept), and if the MACs reduction misses, the curves' error at that δ
+corrects the next δ (bisection whenever that does not halve the bracket).
 Every k returned satisfies the same threshold invariant as in the fixed-δ mode, on the full
 calibration set; the coarse estimates only choose where to look.
 """
@@ -260,7 +261,7 @@ class LossVariation(Method):
            one full-set probe per group at its predicted k rescales that group's curve (the
            subset's loss differs from the full set's by a factor that varies between groups).
         3. δ again from the rescaled curves; at it, each group's exact threshold on the full
-           set by a galloping search from its prediction (two probes when it is right).
+           set by an interpolation search from its prediction (two probes when it is right).
         4. If the MACs reduction misses by more than ``tolerance``: every group's curve is
            rescaled through its exact threshold; the next δ is a secant in log δ through the
            two measured reductions nearest the target (the rescaled curves' answer while only
@@ -376,37 +377,60 @@ class LossVariation(Method):
 
     def _k_near(self, model, ctx, g, order, delta: float, base: float, guess: int) -> int:
         """Largest k with L(k) − L0 ≤ δ (and L(k + step) − L0 > δ, or k is the most the group
-        may lose), searched from a predicted ``guess``: probe it, gallop away from it in
-        doubling strides until the threshold is bracketed, then bisect. Bounded, like
-        :meth:`_k_for`, by the k found at neighbouring δ, so k stays monotone in δ."""
+        may lose), searched from a predicted ``guess``. Bounded, like :meth:`_k_for`, by the k
+        found at neighbouring δ, so k stays monotone in δ.
+
+        Every full-set probe already made for the group (the rescaling probe, earlier δs) narrows
+        the bracket, and the next k is where the line through the two known points nearest the
+        threshold — the bracket's ends, or the last two fitting points while no violating one is
+        known — crosses δ: on the locally smooth curves of real networks that lands on the
+        threshold or next to it, so most groups cost two probes (k fits, k + 1 does not). A
+        bisection step follows any probe that did not halve the bracket, so a rough curve costs
+        at most about twice a binary search."""
         step = self._step(g)
         found = self._found.setdefault(g.name, {})
         lo = max([k // step for d, k in found.items() if d <= delta], default=0)
         hi = min([k // step for d, k in found.items() if d >= delta], default=self._max_units(g))
+        known = {0: 0.0}  # units masked → full-set rise, for every probe already made
+        for key, loss in self._cache.items():
+            if len(key) == 2 and key[0] == g.name and key[1] % step == 0:
+                known[key[1] // step] = loss - base
+        for u, r in known.items():  # narrow the bracket with them
+            if r <= delta and lo < u <= hi:
+                lo = u
+            elif r > delta and lo < u <= hi + 1:
+                hi = u - 1
 
         def fits(u: int) -> bool:
-            return u == 0 or self._loss_masked(model, ctx, g, order, u * step) - base <= delta
+            if u not in known:
+                known[u] = self._loss_masked(model, ctx, g, order, u * step) - base
+            return known[u] <= delta
 
-        t = min(hi, max(lo, round(guess / step)))
-        upward = True
-        if t > lo:
-            upward = fits(t)
-            lo, hi = (t, hi) if upward else (lo, t - 1)
-        stride = 1
-        while lo < hi:  # gallop
-            t = min(hi, lo + stride) if upward else max(lo + 1, hi - stride + 1)
+        def crossing() -> int:
+            """Largest u in (lo, hi] that the line through the nearest known points says fits."""
+            below = sorted(u for u, r in known.items() if r <= delta and u <= lo)
+            over = [u for u, r in known.items() if r > delta and u > lo]
+            if over:
+                (u0, u1) = (below[-1], min(over))
+            elif len(below) >= 2:
+                (u0, u1) = below[-2:]  # extrapolate the last fitting slope
+            else:
+                return round(guess / step)
+            r0, r1 = known[u0], known[u1]
+            if r1 <= r0:
+                return (lo + hi + 1) // 2
+            return u0 + math.floor((delta - r0) / (r1 - r0) * (u1 - u0))
+
+        halve_next, first = False, True
+        while lo < hi:
+            width = hi - lo
+            t = (lo + hi + 1) // 2 if halve_next else round(guess / step) if first else crossing()
+            t, first = min(hi, max(lo + 1, t)), False
             if fits(t):
                 lo = t
-                if not upward:
-                    break
             else:
                 hi = t - 1
-                if upward:
-                    break
-            stride *= 2
-        while lo < hi:  # bisect the bracket
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+            halve_next = not halve_next and (hi - lo) * 2 > width
         found[delta] = lo * step
         return lo * step
 
