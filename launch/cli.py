@@ -9,22 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 
+from launch.signals import Terminated, bounded_exit
 from pipeline.config import ConfigError, absolutize, check_tracking_uri, load_config
 
 # models:/NAME@ALIAS or models:/NAME/VERSION: checked here, before MLflow is asked
 _MODEL_URI = re.compile(r"models:/[^/@]+(@[^/@]+|/[0-9]+)")
-
-
-class Terminated(SystemExit):
-    """SIGTERM (torchrun, SLURM or a user ending the job), raised in the main thread so that a
-    running trial ends its MLflow run as KILLED on the way out."""
-
-    def __init__(self) -> None:
-        super().__init__(143)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -431,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.spec import SpecError
 
     user_errors: tuple[type[Exception], ...] = (ConfigError, DatasetError, SpecError, WeightsError)
-    _terminate_as_exit()
     try:
-        code = args.func(args)
+        with bounded_exit():
+            code = args.func(args)
     except KeyboardInterrupt:
         # one line, not a 19-frame traceback; the recipe has ended the MLflow run as KILLED
         print(f"prunepipe: interrupted (Ctrl-C) during `{args.command}`", file=sys.stderr)
@@ -455,25 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     # flight, where destroying the group can block; torchrun tears that job down anyway.
     shutdown_distributed()
     return code
-
-
-def _terminate_as_exit() -> None:
-    """SIGTERM → :class:`Terminated` in this process (not in forked DataLoader workers, which
-    take the default action), so ``finally`` blocks and the recipe's run status get to run."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    main_pid = os.getpid()
-
-    def handler(signum: int, frame: object) -> None:
-        if os.getpid() != main_pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
