@@ -152,60 +152,17 @@ class LossVariation(Method):
         step = math.lcm(self.round_to, g.channel_groups)
         return step if g.size % step == 0 else g.channel_groups
 
-    def _k_for(self, model, ctx, g, order, delta: float, base: float) -> int:
-        """Largest k (channels masked) with L(k) − L0 ≤ δ, within the bounds that the searches at
-        neighbouring δ already established (k is monotone in δ).
-
-        A safeguarded interpolation search: the next k is where the straight line between the
-        bracketing probes crosses L0 + δ (the first probe: the rate the previous group got),
-        with a bisection step whenever the bracket did not halve, so it never needs more probes
-        than about twice a binary search and usually far fewer on the smooth curves real
-        networks give. The result satisfies the same invariant as a binary search: L(k) − L0 ≤ δ
-        and L(k + step) − L0 > δ (or k is the most the group may lose).
-        """
-        step = self._step(g)
-        hi_units = self._max_units(g)
-        found = self._found.setdefault(g.name, {})
-        lo = max([k // step for d, k in found.items() if d <= delta], default=0)
-        hi = min([k // step for d, k in found.items() if d >= delta], default=hi_units)
-
-        def rise(u: int) -> float:
-            return 0.0 if u == 0 else self._loss_masked(model, ctx, g, order, u * step) - base
-
-        guess = round(self._last_fraction * hi_units)
-        halve_next = False
-        while lo < hi:
-            width = hi - lo
-            over = hi + 1 if hi < hi_units else None  # a known violating point bounds the line
-            if halve_next or over is None and guess is None:
-                mid = (lo + hi + 1) // 2
-            elif guess is not None:
-                mid = guess
-            else:
-                r_lo, r_over = rise(lo), rise(over)
-                t = (delta - r_lo) / (r_over - r_lo) if r_over > r_lo else 0.5
-                mid = lo + round(t * (over - lo))
-            mid = min(hi, max(lo + 1, mid))
-            guess = None
-            if rise(mid) <= delta:
-                lo = mid
-            else:
-                hi = mid - 1
-            halve_next = not halve_next and (hi - lo) * 2 > width  # no halving this step: bisect next
-        found[delta] = lo * step
-        self._last_fraction = lo / max(1, hi_units)
-        return lo * step
-
     def _rates_for(self, model, ctx, orders, delta: float, base: float,
                    guesses: dict[str, int] | None = None) -> dict[str, int]:
         # network order: the cached activation only ever walks forward within one pass
         staged = self._staged
         out = {}
         for g in self._network_order():
-            if guesses is None:
-                out[g.name] = self._k_for(model, ctx, g, orders[g.name], delta, base)
-            else:
-                out[g.name] = self._k_near(model, ctx, g, orders[g.name], delta, base, guesses[g.name])
+            units = max(1, self._max_units(g))
+            # without predictions (a fixed δ), the previous group's rate is the first guess
+            guess = guesses[g.name] if guesses is not None else round(self._last_fraction * units) * self._step(g)
+            out[g.name] = self._threshold(model, ctx, g, orders[g.name], delta, base, guess)
+            self._last_fraction = out[g.name] / self._step(g) / units
             if self._bar is not None:
                 self._bar.update(1)
                 self._bar.set_postfix(delta=f"{delta:.3g}", probes=self.evaluations,
@@ -375,10 +332,10 @@ class LossVariation(Method):
         step = self._step(g)
         return max(0, (g.size - max(self.options.min_keep, step)) // step)
 
-    def _k_near(self, model, ctx, g, order, delta: float, base: float, guess: int) -> int:
+    def _threshold(self, model, ctx, g, order, delta: float, base: float, guess: int) -> int:
         """Largest k with L(k) − L0 ≤ δ (and L(k + step) − L0 > δ, or k is the most the group
-        may lose), searched from a predicted ``guess``. Bounded, like :meth:`_k_for`, by the k
-        found at neighbouring δ, so k stays monotone in δ.
+        may lose), searched from a predicted ``guess``. Bounded by the k found at the nearest
+        smaller and larger δ already searched, so k stays monotone in δ.
 
         Every full-set probe already made for the group (the rescaling probe, earlier δs) narrows
         the bracket, and the next k is where the line through the two known points nearest the
@@ -421,16 +378,16 @@ class LossVariation(Method):
                 return (lo + hi + 1) // 2
             return u0 + math.floor((delta - r0) / (r1 - r0) * (u1 - u0))
 
-        halve_next, first = False, True
+        t, bisect_next = round(guess / step), False
         while lo < hi:
             width = hi - lo
-            t = (lo + hi + 1) // 2 if halve_next else round(guess / step) if first else crossing()
-            t, first = min(hi, max(lo + 1, t)), False
+            t = min(hi, max(lo + 1, t))
             if fits(t):
                 lo = t
             else:
                 hi = t - 1
-            halve_next = not halve_next and (hi - lo) * 2 > width
+            bisect_next = not bisect_next and (hi - lo) * 2 > width  # this probe did not halve it
+            t = (lo + hi + 1) // 2 if bisect_next else crossing()
         found[delta] = lo * step
         return lo * step
 
