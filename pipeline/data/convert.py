@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.manifest import MANIFEST, DatasetError, read_manifest
 from pipeline.data.shards import index_path, write_shard
+from pipeline.progress import progress
 
 __all__ = ["DatasetError", "read_manifest", "write_digits", "write_synthetic", "write_manifest"]
 
@@ -35,7 +35,7 @@ def _write_split(
     (out / split).mkdir(parents=True, exist_ok=True)
     shards = []
     n = len(labels)
-    bar = tqdm(total=n, desc=f"{desc} {split}", unit="img", leave=False)
+    bar = progress(total=n, desc=f"{desc} {split}", unit="img", leave=False)
     for s, start in enumerate(range(0, n, per_shard)):
         rel = f"{split}/{split}-{s:06d}.tar"
         stop = min(n, start + per_shard)

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.data.errors import BadSampleLog
 from pipeline.data.manifest import DatasetError
 from pipeline.data.shards import IndexEntry, ShardError, read_index, scan_tar, write_index
+from pipeline.progress import progress
 
 # the two components every sample must have; anything else in a sample is ignored
 IMAGE_EXT, LABEL_EXT = "jpg", "cls"
@@ -195,7 +195,7 @@ def find_undecodable(segments: list[Segment], threads: int, first_only: bool = F
     found: list[tuple[str, str, str]] = []
     total = sum(len(s.entries) for s in segments)
     it = _images(segments)
-    with ThreadPoolExecutor(max(1, threads)) as pool, tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+    with ThreadPoolExecutor(max(1, threads)) as pool, progress(total=total, desc=desc, unit="img", leave=False) as bar:
         while True:
             block = [x for _, x in zip(range(_SCAN_BLOCK), it, strict=False)]
             if not block:
