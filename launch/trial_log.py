@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import Config, config_to_dict, flatten
 from pipeline.distributed import DistInfo
-from pipeline.journal import Journal, Record
+from pipeline.journal import Journal, Record, read_journal, segments
 
 
 # --- what each record does in MLflow (live, and when `prunepipe sync` replays it) ---------------
@@ -117,7 +117,6 @@ class TrialLog:
     as ``config/trial.yaml`` and the model as a pyfunc (:mod:`pipeline.pyfunc_model`)."""
 
     PARENT_ENV = "PRUNEPIPE_PARENT_RUN_ID"
-    RUN_FILE = ".mlflow_run_id"  # the trial's last run: a SIGKILL leaves it RUNNING, the next start ends it
 
     def __init__(self, cfg: Config, info: DistInfo, run_name: str) -> None:
         self.active = info.is_main and cfg.registry.enabled
@@ -161,10 +160,9 @@ class TrialLog:
         from pipeline import registry
 
         client = registry.connect(self.cfg.registry)
-        end_stale_run(self.out / self.RUN_FILE, registry)
+        end_stale_runs(self.journal.path, registry)
         exp = client.get_experiment_by_name(self.cfg.registry.experiment)
         self.run_id = create_run(client, exp.experiment_id, start)
-        (self.out / self.RUN_FILE).write_text(self.run_id)
         self.journal.append("run", key=self.key, run_id=self.run_id)
         self.online = True
 
@@ -228,16 +226,16 @@ class TrialLog:
             self.journal.close()
 
 
-def end_stale_run(run_file: Path, registry: Any) -> None:
+def end_stale_runs(journal: Path, registry: Any) -> None:
     """A trial killed outright (SIGKILL, a lost node) never ended its MLflow run, which would
-    read RUNNING for ever; the next start of the same trial marks it KILLED. A run that ended
-    (FINISHED, FAILED, KILLED) is left as it is."""
-    if not run_file.is_file():
-        return
-    old = run_file.read_text().strip()
-    try:
-        if old and registry.end_if_running(registry.MlflowClient(), old):
-            print(f"[prunepipe] the MLflow run {old} of an earlier attempt of this trial was left RUNNING "
-                  "(killed before it could end): marked KILLED", flush=True)
-    except Exception as err:  # noqa: BLE001 - a run deleted or in another store: nothing to mark
-        print(f"[prunepipe] could not check the earlier MLflow run {old}: {registry.first_line(err)}", flush=True)
+    read RUNNING for ever; the next start of the same trial marks it KILLED. The journal says
+    which runs those are: bound to an attempt (a ``run`` record) that has no ``end`` record. A
+    run that ended in MLflow (FINISHED, FAILED, KILLED) is left as it is."""
+    stale = [seg.run_id for seg in segments(read_journal(journal)[0]) if seg.run_id and not seg.ended()]
+    for old in stale:
+        try:
+            if registry.end_if_running(registry.MlflowClient(), old):
+                print(f"[prunepipe] the MLflow run {old} of an earlier attempt of this trial was left RUNNING "
+                      "(killed before it could end): marked KILLED", flush=True)
+        except Exception as err:  # noqa: BLE001 - a run deleted or in another store: nothing to mark
+            print(f"[prunepipe] could not check the earlier MLflow run {old}: {registry.first_line(err)}", flush=True)

@@ -128,7 +128,7 @@ def test_a_killed_worker_restarts_and_the_trial_resumes_from_its_checkpoint(tmp_
     final = next(r for r in trial if r.info.status == "FINISHED")
     earlier = next(r for r in trial if r is not final)
     if victim == 0:
-        # nobody was left to end it: the next attempt's rank 0 marked it (recipe.py, .mlflow_run_id),
+        # nobody was left to end it: the next attempt's rank 0 marked it (trial_log.end_stale_runs, from the journal),
         # not the search's clean-up at the end
         assert earlier.info.status == "KILLED" and "prunepipe.ended_by" not in earlier.data.tags
     else:

@@ -178,7 +178,7 @@ def test_a_store_killed_mid_trial_loses_nothing(tmp_path, capsys):
                 proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert len(unreachable_lines(stdout + stderr)) == 1
-    live_run = (out / ".mlflow_run_id").read_text().strip()
+    live_run = segments(read_journal(out / JOURNAL)[0])[-1].run_id  # the run the trial opened live
     with mlflow_server(port, store):
         shown = sync(capsys, out)
         assert live_run[:8] in shown, shown
