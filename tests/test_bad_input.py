@@ -35,14 +35,6 @@ DEMO = ROOT / "configs" / "demo.yaml"
 SOLO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    # cli.main installs a SIGTERM handler for its process; the test process keeps its own
-    saved = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, saved)
-
-
 def run_cli(argv: list[str], capsys, expect: int = 2, seconds: float | None = 20.0) -> str:
     """``prunepipe ARGV`` in-process: the exit status, and stderr's one line (returned)."""
     t0 = time.perf_counter()

@@ -126,3 +126,12 @@ def test_mlflow_models_serve_answers_over_http(registered):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_the_pyfunc_class_defines_without_mlflows_missing_type_hint_warning():
+    # MLflow checks predict's hints when the class is defined: a fresh interpreter sees it
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-W", "always", "-c", "import pipeline.pyfunc_model"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "type hint" not in out.stderr.lower(), out.stderr

@@ -71,3 +71,25 @@ def test_a_second_ctrl_c_stops_at_once():
     _, err = _finish(proc, 30)  # well before the 100 s grace period
     assert proc.returncode == 130
     assert "prunepipe: interrupted twice; stopping now" in err
+
+
+def test_the_callers_handlers_are_back_after_the_block():
+    # what lets an in-process caller (the tests' cli.main calls) run the CLI without losing its own
+    from launch.signals import bounded_exit
+
+    def mine(signum, frame):
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        with bounded_exit(grace_s=5):
+            assert signal.getsignal(signal.SIGTERM) is not mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+        with pytest.raises(ValueError), bounded_exit(grace_s=5):  # also when the block raises
+            raise ValueError
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

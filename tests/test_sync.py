@@ -34,13 +34,6 @@ TINY = ("data.backend=synthetic", "data.image_size=16", "data.synthetic_samples=
 UNREACHABLE = "unreachable"
 
 
-@pytest.fixture(autouse=True)
-def _keep_sigterm():
-    saved = signal.getsignal(signal.SIGTERM)  # cli.main installs its own SIGTERM handler
-    yield
-    signal.signal(signal.SIGTERM, saved)
-
-
 @contextmanager
 def mlflow_server(port: int, folder: Path) -> Iterator[subprocess.Popen]:
     """`mlflow server` on 127.0.0.1:``port``, SQLite-backed in ``folder`` (kept across restarts);
