@@ -28,7 +28,7 @@ def _load(args: argparse.Namespace, for_search: bool = False):
     """The validated config: the core schema, then what only the recipe knows (method names and
     options; for a search, every method and scope it may draw), so a bad ``prune.method`` or
     option stops here, before any work."""
-    from launch.recipe import check_config
+    from launch.checks import check_config
 
     return check_config(absolutize(load_config(args.config, args.overrides)), for_search=for_search)
 

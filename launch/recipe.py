@@ -28,6 +28,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from launch.checks import check_config, method_class, trial_epochs
 from launch.outputs import (
     CHECKPOINT,
     check_fingerprint,
@@ -35,8 +36,8 @@ from launch.outputs import (
     prepare_output,
 )
 from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
-from methods import Method, SelectContext, get_method_class, method_names
-from pipeline.config import Config, ConfigError, config_to_dict, format_error, sampler_values
+from methods import Method, SelectContext
+from pipeline.config import Config, ConfigError, config_to_dict, format_error
 from pipeline.data.loaders import Loader, build_loader, calibration_set
 from pipeline.distributed import (
     DistInfo,
@@ -58,83 +59,12 @@ from pipeline.engine import (
     use_channels_last,
 )
 from pipeline.measure import compare
-from pipeline.models import build_model, check_weights_path
+from pipeline.models import build_model
 from pipeline.plots import width_plot
 from pipeline.spec import build_from_spec, make_spec, save_pruned
 from pipeline.surgery import ChannelGroup, apply_masks, find_groups, prune_model
 
 Reporter = Callable[[dict[str, Any]], None]
-
-
-# --- checks before any work -----------------------------------------------------------------------
-def _method_class(name: str, key: str) -> type[Method]:
-    try:
-        return get_method_class(name)
-    except KeyError:
-        raise ConfigError(f"{key}: unknown method {name!r}; allowed: {', '.join(method_names())}") from None
-
-
-def _check_options(name: str, options: Any, key: str) -> None:
-    """``options`` against method ``name``'s own schema (``name`` is known to be registered)."""
-    cls = get_method_class(name)
-    if not isinstance(options, dict):
-        raise ConfigError(f"{key} = {options!r}: expected a mapping of {name}'s options")
-    try:
-        cls.Options(**options)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
-
-
-def _epochs(cfg: Config, method_cls: type[Method]) -> tuple[int, int]:
-    """(pruning epochs, fine-tune epochs); ``train.budget_epochs`` covers both when set."""
-    prune_epochs = cfg.prune.epochs if method_cls.training_aware else 0
-    if cfg.train.budget_epochs is None:
-        return prune_epochs, cfg.train.epochs
-    if prune_epochs >= cfg.train.budget_epochs:
-        raise ConfigError(f"train.budget_epochs = {cfg.train.budget_epochs}: must exceed prune.epochs = {prune_epochs}")
-    return prune_epochs, cfg.train.budget_epochs - prune_epochs
-
-
-def check_config(cfg: Config, for_search: bool = False) -> Config:
-    """What the core schema cannot check because it knows no method: ``prune.method``,
-    ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
-    ``search.space`` may draw; ``for_search``: also every (method, scope) pair it may draw.
-    Raises :class:`ConfigError` naming the key, before any work."""
-    _epochs(cfg, _method_class(cfg.prune.method, "prune.method"))
-    _check_scopes(cfg, for_search)
-    if cfg.model.weights is not None:
-        check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
-    for name, options in cfg.prune.options.items():
-        _method_class(name, f"prune.options.{name}")
-        _check_options(name, options, f"prune.options.{name}")
-    for key, entry in cfg.search.space.items():
-        values = sampler_values(entry)  # every choice, or both ends of a range (checked by the schema)
-        if key == "prune.method":
-            for name in values or []:
-                _method_class(name, "search.space: prune.method")
-        elif key.startswith("prune.options."):
-            parts = key.split(".")
-            cls = _method_class(parts[2], f"search.space: {key}")
-            if len(parts) > 3 and parts[3] not in cls.Options.model_fields:
-                raise ConfigError(f"search.space: {key!r}: {parts[2]} has no option {parts[3]!r}")
-            for value in values or []:
-                _check_options(parts[2], {parts[3]: value} if len(parts) > 3 else value, key)
-    return cfg
-
-
-def _check_scopes(cfg: Config, for_search: bool) -> None:
-    """Every method the trial (or the search) may run supports every scope it may be given
-    (a residual-stream group met by a gated method otherwise fails inside the trial)."""
-    space = cfg.search.space if for_search else {}
-    methods = (sampler_values(space["prune.method"]) or []) if "prune.method" in space else [cfg.prune.method]
-    scopes = (sampler_values(space["prune.scope"]) or []) if "prune.scope" in space else [cfg.prune.scope]
-    where = "search.space: " if "prune.method" in space or "prune.scope" in space else ""
-    for name in methods:
-        allowed = _method_class(name, "prune.method").scopes
-        for scope in scopes:
-            if scope not in allowed:
-                raise ConfigError(f"{where}prune.method = {name} works with prune.scope = {' or '.join(allowed)}, "
-                                  f"not {scope}")
 
 
 # --- logging --------------------------------------------------------------------------------------
@@ -275,7 +205,7 @@ def setup(cfg: Config, report: Reporter | None, run_name: str | None) -> Trial:
     dense = copy.deepcopy(model).eval()
     groups = find_groups(model, size, cfg.prune.scope)
     method = build_method(cfg, groups)
-    prune_epochs, ft_epochs = _epochs(cfg, type(method))
+    prune_epochs, ft_epochs = trial_epochs(cfg, type(method))
     log = _TrialLog(cfg, info, run_name or cfg.name)
     return Trial(cfg, info, report or _print_report(info), log, train_loader, val_loader, model.to(info.device), dense,
                  groups, method, prune_epochs, ft_epochs, t_start=t_start, started_at=started_at)
@@ -284,7 +214,7 @@ def setup(cfg: Config, report: Reporter | None, run_name: str | None) -> Trial:
 def build_method(cfg: Config, groups: list[ChannelGroup]) -> Method:
     """The configured method; it validates its own options (one-line ConfigError if they are bad)."""
     name = cfg.prune.method
-    cls = _method_class(name, "prune.method")
+    cls = method_class(name, "prune.method")
     try:
         return cls(groups, cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.options.get(name), seed=cfg.seed,
                    image_size=cfg.data.image_size)

@@ -148,7 +148,7 @@ def run_search(cfg: Config, verbose: bool = False, resume: bool = False) -> dict
     trials' MLflow runs nest under one parent run that ends with the search. ``resume``
     continues the interrupted search of this name and output_dir (launch/resume.py)."""
     from launch import search_log
-    from launch.recipe import check_config
+    from launch.checks import check_config
     from launch.sync import sync_pending
 
     check_config(cfg, for_search=True)  # every method, option and scope the space may draw, before Ray starts

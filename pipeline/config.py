@@ -358,7 +358,7 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _search_keys(self) -> Config:
         # Method names and options are not checked here: the core knows no method. The launcher
-        # checks them before any work (launch.recipe.check_config) and each method validates its
+        # checks them before any work (launch.checks.check_config) and each method validates its
         # own options when the recipe builds it.
         for key, entry in self.search.space.items():
             info = _check_dotted_key(key)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from launch.recipe import check_config
+from launch.checks import check_config
 from pipeline.config import ConfigError, build_config, load_config, parse_override
 from tests.conftest import ROOT
 
@@ -131,7 +131,7 @@ def test_epoch_budget_is_checked_with_the_config_not_inside_the_trial():
     """``train.budget_epochs`` must exceed a training-aware method's ``prune.epochs``: refused by
     the validation every command runs first (before loaders, model or MLflow run exist); a
     one-shot method has no pruning epochs, so the same budget is fine for it."""
-    from launch.recipe import check_config
+    from launch.checks import check_config
     from pipeline.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="train.budget_epochs"):

@@ -65,7 +65,7 @@ def test_evaluations_are_cached(net):
 
 def test_options_are_validated():
     # the launcher's check_config validates method options (the core config knows no method)
-    from launch.recipe import check_config
+    from launch.checks import check_config
     from pipeline.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="prune.options.lossvar"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.recipe import check_config
+from launch.checks import check_config
 from methods import get_method_class
 from pipeline.config import load_config
 from pipeline.models import build_model

@@ -1,0 +1,84 @@
+"""Checks of a configuration before any work, for what the core schema cannot check because it
+knows no method: ``prune.method`` and its options, the epoch budget, and every method, option
+and scope a ``search.space`` may draw. Each raises :class:`ConfigError` naming the key; the CLI,
+the search (before Ray starts) and every trial run them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from methods import Method, get_method_class, method_names
+from pipeline.config import Config, ConfigError, format_error, sampler_values
+from pipeline.models import check_weights_path
+
+
+def method_class(name: str, key: str) -> type[Method]:
+    try:
+        return get_method_class(name)
+    except KeyError:
+        raise ConfigError(f"{key}: unknown method {name!r}; allowed: {', '.join(method_names())}") from None
+
+
+def _check_options(name: str, options: Any, key: str) -> None:
+    """``options`` against method ``name``'s own schema (``name`` is known to be registered)."""
+    cls = get_method_class(name)
+    if not isinstance(options, dict):
+        raise ConfigError(f"{key} = {options!r}: expected a mapping of {name}'s options")
+    try:
+        cls.Options(**options)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
+
+
+def trial_epochs(cfg: Config, method_cls: type[Method]) -> tuple[int, int]:
+    """(pruning epochs, fine-tune epochs); ``train.budget_epochs`` covers both when set."""
+    prune_epochs = cfg.prune.epochs if method_cls.training_aware else 0
+    if cfg.train.budget_epochs is None:
+        return prune_epochs, cfg.train.epochs
+    if prune_epochs >= cfg.train.budget_epochs:
+        raise ConfigError(f"train.budget_epochs = {cfg.train.budget_epochs}: must exceed prune.epochs = {prune_epochs}")
+    return prune_epochs, cfg.train.budget_epochs - prune_epochs
+
+
+def check_config(cfg: Config, for_search: bool = False) -> Config:
+    """What the core schema cannot check because it knows no method: ``prune.method``,
+    ``prune.options.<method>.<key>``, the epoch budget, and the method names and options a
+    ``search.space`` may draw; ``for_search``: also every (method, scope) pair it may draw.
+    Raises :class:`ConfigError` naming the key, before any work."""
+    trial_epochs(cfg, method_class(cfg.prune.method, "prune.method"))
+    _check_scopes(cfg, for_search)
+    if cfg.model.weights is not None:
+        check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
+    for name, options in cfg.prune.options.items():
+        method_class(name, f"prune.options.{name}")
+        _check_options(name, options, f"prune.options.{name}")
+    for key, entry in cfg.search.space.items():
+        values = sampler_values(entry)  # every choice, or both ends of a range (checked by the schema)
+        if key == "prune.method":
+            for name in values or []:
+                method_class(name, "search.space: prune.method")
+        elif key.startswith("prune.options."):
+            parts = key.split(".")
+            cls = method_class(parts[2], f"search.space: {key}")
+            if len(parts) > 3 and parts[3] not in cls.Options.model_fields:
+                raise ConfigError(f"search.space: {key!r}: {parts[2]} has no option {parts[3]!r}")
+            for value in values or []:
+                _check_options(parts[2], {parts[3]: value} if len(parts) > 3 else value, key)
+    return cfg
+
+
+def _check_scopes(cfg: Config, for_search: bool) -> None:
+    """Every method the trial (or the search) may run supports every scope it may be given
+    (a residual-stream group met by a gated method otherwise fails inside the trial)."""
+    space = cfg.search.space if for_search else {}
+    methods = (sampler_values(space["prune.method"]) or []) if "prune.method" in space else [cfg.prune.method]
+    scopes = (sampler_values(space["prune.scope"]) or []) if "prune.scope" in space else [cfg.prune.scope]
+    where = "search.space: " if "prune.method" in space or "prune.scope" in space else ""
+    for name in methods:
+        allowed = method_class(name, "prune.method").scopes
+        for scope in scopes:
+            if scope not in allowed:
+                raise ConfigError(f"{where}prune.method = {name} works with prune.scope = {' or '.join(allowed)}, "
+                                  f"not {scope}")
