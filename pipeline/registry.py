@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,13 @@ def log_datasets(refs: list[dict[str, str]], run_id: str) -> None:
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    inputs = [DatasetInput(MetaDataset(source=resolve_dataset_source(r["source"]), name=r["name"],
-                                       digest=r["digest"])._to_mlflow_entity(),
-                           tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["split"])]) for r in refs]
+    with warnings.catch_warnings():
+        # MLflow registers its local-folder source once per local scheme ('' and 'file'), two
+        # classes of one name, and warns on every path that both match: the answer is the same
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        inputs = [DatasetInput(MetaDataset(source=resolve_dataset_source(r["source"]), name=r["name"],
+                                           digest=r["digest"])._to_mlflow_entity(),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, r["split"])]) for r in refs]
     if inputs:
         MlflowClient().log_inputs(run_id, datasets=inputs)
 

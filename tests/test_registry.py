@@ -128,3 +128,17 @@ def test_promote_without_challenger_and_unknown_uri(tmp_path, store):
         promote("nobody", cfg.tracking_uri, 0.01)
     with pytest.raises(registry.RegistryError, match="not found"):
         registry.download_model("models:/nobody@champion", cfg.tracking_uri)
+
+
+def test_a_shard_folder_is_a_dataset_input_without_mlflows_source_warning(tmp_path, store):
+    import warnings
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry.log_dataset(folder, "train", {"name": "tiny-shards", "shards": ["a.tar"]})
+    assert not [w for w in caught if "dataset source" in str(w.message)], [str(w.message) for w in caught]
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("tiny-shards", "train")]
+    assert str(folder.resolve()) in inputs[0].dataset.source
