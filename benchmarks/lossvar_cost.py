@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods import SelectContext, get_method_class  # noqa: E402
 from pipeline.engine import recalibrate_bn  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.surgery import find_groups  # noqa: E402
+from pipeline.surgery import find_groups, macs_after, macs_profile  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--target", type=float, default=0.42, help="MACs reduction the δ search aims at")
+    ap.add_argument("--delta", type=float, default=None,
+                    help="fixed-δ mode (no search): the selection's cost at this δ instead of a target")
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--coarse-points", type=int, default=None, help="lossvar option coarse_points")
     ap.add_argument("--coarse-fraction", type=float, default=None, help="lossvar option coarse_fraction")
@@ -67,20 +69,23 @@ def main() -> None:
             model(xb)
     sync()
     forward_s = time.perf_counter() - t0
-    options = {"target_macs_reduction": args.target}
+    options = {"delta": args.delta} if args.delta is not None else {"target_macs_reduction": args.target}
     for knob in ("coarse_points", "coarse_fraction"):
         if getattr(args, knob) is not None:
             options[knob] = getattr(args, knob)
     method = get_method_class("lossvar")(groups, 0.0, round_to=args.round_to,
                                          options=options, image_size=args.image_size)
-    method.keep_masks(model, SelectContext(calib=calib, image_size=args.image_size))
+    masks = method.keep_masks(model, SelectContext(calib=calib, image_size=args.image_size))
+    profile = macs_profile(model, args.image_size)
+    found = 1 - macs_after(profile, groups, {g.name: int(masks[g.name].sum()) for g in groups}) / sum(profile.values())
     s = method.summary()
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"# {args.arch} at {args.image_size}px, {args.calib} calibration images, {len(groups)} groups, "
           f"{where}, float32, one forward of the set {forward_s:.3f} s")
     print("| target MACs red. | found | δ | probes | seconds | full-forward equiv. | FFE if every probe were a full forward |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.target:.0%} | {s.get('macs_reduction_found', float('nan')):.1%} | {s['delta']:.3g} | "
+    target = "fixed δ" if args.delta is not None else f"{args.target:.0%}"
+    print(f"| {target} | {found:.1%} | {s['delta']:.3g} | "
           f"{int(s['probes'])} | {s['select_seconds']:.1f} | {s['full_forward_equivalents']:.0f} | {int(s['probes'])} |")
 
 
