@@ -66,11 +66,24 @@ def choose(rows: list[dict[str, Any]], obj: ObjectiveConfig) -> tuple[dict[str, 
         r["why_not"] = "; ".join(violations(r, obj)) if r in done else ""
     feasible = [r for r in done if not r["why_not"]]
     if not feasible:
-        return None, (f"no finished trial meets the objective's constraints ({describe(obj)}); nothing registered"
-                      if done else "no trial finished; nothing registered")
+        if not done:
+            return None, "no trial finished; nothing registered"
+        why = f"no finished trial meets the objective's constraints ({describe(obj)}); nothing registered"
+        noisy = len(only_noise(rows))
+        if noisy:
+            why += (f". {noisy} missed only because their speed could not be measured reliably (another job "
+                    "shared the machine): when it is free, the same search with --resume re-measures them and "
+                    "registers the winner, without training again")
+        return None, why
     best = max(feasible, key=lambda r: _key(r, obj))
     what = "most accurate" if obj.maximize == "val_top1" else "fastest"
     return best, f"{what} of {len(feasible)} of {len(done)} finished trials meeting: {describe(obj)}"
+
+
+def only_noise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Finished trials that :func:`choose` turned down for no reason but a noisy speed figure:
+    a re-measurement on a quiet machine could still make one the winner."""
+    return [r for r in rows if r.get("why_not") == "speed not reliably measured"]
 
 
 def describe(obj: ObjectiveConfig) -> str:

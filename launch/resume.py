@@ -18,6 +18,12 @@ Two guards that Tune alone does not give:
 * On Ctrl-C Tune stops gracefully and ``Tuner.fit`` *returns*, as if the search had ended;
   :class:`SigintWatch` tells the two apart so that an interrupted search is not decided and
   registered from the trials that happened to finish.
+
+A search that ended with nothing registered *only* because its finalists' speed could not be
+measured reliably (another job shared the machine) is marked ``remeasure`` and may be resumed
+too: every trial is finished, so Tune returns them at once, and the driver re-measures the
+finalists and decides again, without training anything (``measure.*`` may differ then, say more
+rounds).
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from pipeline.textfiles import write_atomically
 
 STATE = "prunepipe-search.json"
 RESULT = "result.json"
-# What only the driver reads after the trials (the objective that picks the winner, the local
-# Ray's logical CPUs): these may change between a search and its resumption. Everything else is
-# pickled into Tune's state and used by the trials as it was when the search started.
-_MAY_CHANGE = ("search.objective.", "search.ray_num_cpus")
+# What the driver reads after the trials (the objective that picks the winner, how the finalists
+# are re-measured, the local Ray's logical CPUs): these may change between a search and its
+# resumption. Everything else is pickled into Tune's state and used by the trials as it was when
+# the search started (so are the measure.* settings of the trials' own speed figures).
+_MAY_CHANGE = ("search.objective.", "search.ray_num_cpus", "measure.")
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -92,11 +99,14 @@ def record(cfg: Config, parent_run_id: str | None) -> None:
                                               "finished": False})
 
 
-def mark_finished(cfg: Config, version: int | None) -> None:
-    """The search decided and registered: a later ``--resume`` has nothing left to do."""
+def mark_finished(cfg: Config, version: int | None, remeasure: bool = False) -> None:
+    """The search decided: a later ``--resume`` has nothing left to do, unless ``remeasure``
+    (nothing was chosen only because the finalists' speed was too noisy to trust): then it
+    restores the finished trials, re-measures and decides again."""
     state = _read_state(cfg)
     if state is not None:
-        _write_json(experiment_dir(cfg) / STATE, {**state, "finished": True, "version": version})
+        _write_json(experiment_dir(cfg) / STATE, {**state, "finished": True, "version": version,
+                                                  "remeasure": remeasure})
 
 
 def check(cfg: Config) -> dict[str, Any]:
@@ -112,7 +122,7 @@ def check(cfg: Config) -> dict[str, Any]:
     if state is None:
         raise ConfigError(f"search --resume: {str(where)!r} has no {STATE} (not started by this prunepipe); "
                           "run it without --resume to start afresh")
-    if state.get("finished"):
+    if state.get("finished") and not state.get("remeasure"):
         raise ConfigError(f"search --resume: the search in {str(where)!r} already finished"
                           f"{' (registered v' + str(state['version']) + ')' if state.get('version') else ''}; "
                           "nothing to resume")

@@ -170,7 +170,7 @@ def run_search(cfg: Config, verbose: bool = False, resume: bool = False) -> dict
             status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
             search_log.finish_parent(cfg, parent, None, None, status)
         raise
-    resuming.mark_finished(cfg, result["version"])
+    resuming.mark_finished(cfg, result["version"], remeasure=result["remeasure"])
     if parent:
         search_log.close_trial_runs(cfg, parent, rows)
         search_log.finish_parent(cfg, parent, result, format_table(rows, result["best"], result.get("why")), "FINISHED")
@@ -278,7 +278,10 @@ def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, An
         version = register_best(cfg, best, _card(best, cfg), plot)
         best["registered"] = f"{cfg.registry.model_name} v{version} @challenger" if version else \
             f"{cfg.registry.model_name}: registration pending (`prunepipe sync {cfg.output_dir}`)"
-    return {"rows": rows, "best": best, "version": version, "why": why, "pareto": front, "plot": plot}
+    # nothing chosen only for want of a quiet machine: --resume may decide again later
+    remeasure = best is None and bool(objective.only_noise(rows))
+    return {"rows": rows, "best": best, "version": version, "why": why, "pareto": front, "plot": plot,
+            "remeasure": remeasure}
 
 
 def _card(best: dict[str, Any], cfg: Config) -> str:

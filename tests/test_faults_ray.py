@@ -231,3 +231,37 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
     finals = per_trial[finished_id] + resumed
     assert client.get_run(mv.run_id).data.metrics["val_top1"] == max(r.data.metrics["val_top1"] for r in finals)
     assert "* chosen: faults v1 @challenger" in out
+
+
+@pytest.mark.timeout(600)
+def test_a_search_too_noisy_to_decide_is_decided_later_by_resume(tmp_path):
+    """Every finalist's speed is 'noisy' (an IQR limit no timing meets): nothing is registered and
+    the output says --resume. Resumed with a sane limit, the finished trial is re-measured, not
+    trained again, and registered; after that a resume has nothing left to do."""
+    args = _args(tmp_path, "train.epochs=1", "search.space={prune.method: {grid: [l1]}}",
+                 "search.objective.min_speedup=0.5")  # a pure reliability check: any real figure passes
+    log = tmp_path / "first.log"
+    code = _finish(_start([*args, "measure.max_spread=1e-9"], log))
+    out = log.read_text()
+    assert code == 1, out[-3000:]
+    assert "only because their speed could not be measured reliably" in out and "--resume" in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_registered_models() == []
+    [trial] = _trial_dirs(tmp_path)
+    stamps = {p: (trial / p).stat().st_mtime_ns for p in (RESULT, "model/model.safetensors")}
+    trial_id = trial.name.removeprefix("_trial_driver_")
+
+    log2 = tmp_path / "resume.log"
+    code = _finish(_start([*args, "measure.max_spread=0.5", "--resume"], log2))
+    out = log2.read_text()
+    assert code == 0, out[-3000:]
+    assert "* chosen: faults v1 @challenger" in out, out[-3000:]
+    assert {p: (trial / p).stat().st_mtime_ns for p in stamps} == stamps  # not trained again
+    assert not any(f"[{trial_id}] epoch {e} " in out for e in range(2)), out[-3000:]
+    mv = client.get_model_version_by_alias("faults", "challenger")
+    assert mv.tags["speed_reliable"] in ("1", "1.0") and float(mv.tags["speedup"]) > 0.5
+    assert all(r.info.status != "RUNNING" for r in _runs(tmp_path))
+
+    log3 = tmp_path / "again.log"
+    assert _finish(_start([*args, "--resume"], log3)) == 2
+    assert "already finished (registered v1)" in log3.read_text()

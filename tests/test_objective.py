@@ -53,6 +53,15 @@ def test_nothing_feasible_registers_nothing_and_says_so():
     assert best is None and "nothing registered" in why
 
 
+def test_nothing_chosen_only_because_of_noise_says_a_resume_can_remeasure():
+    rows = [_row("a", 0.95, 1.6, reliable=0.0), _row("b", 0.94, 1.1)]
+    best, why = objective.choose(rows, ObjectiveConfig(min_speedup=1.5))
+    assert best is None and "1 missed only because their speed could not be measured" in why and "--resume" in why
+    assert [r["trial"] for r in objective.only_noise(rows)] == ["a"]
+    best, why = objective.choose([_row("b", 0.94, 1.1)], ObjectiveConfig(min_speedup=1.5))
+    assert best is None and "--resume" not in why  # too slow, measured well: nothing to re-measure
+
+
 def test_pareto_front_holds_exactly_the_undominated_finished_trials():
     front = objective.pareto_front(_fresh())
     assert [r["trial"] for r in front] == ["d"]  # d dominates all (e is not finished)

@@ -66,6 +66,8 @@ def test_resume_refuses_a_changed_config_naming_the_keys(tmp_path, capsys):
     assert "prune.prune_ratio 0.5 -> 0.3" in line and "train.epochs" in line
     # the objective is read by the driver after the trials only: it may change
     assert resume.check(_cfg(tmp_path, "prune.prune_ratio=0.5", "search.objective.min_speedup=1.5")) is not None
+    # and so is how the finalists are re-measured
+    assert resume.check(_cfg(tmp_path, "prune.prune_ratio=0.5", "measure.rounds=30")) is not None
     with pytest.raises(ConfigError, match="search.space"):
         resume.check(_cfg(tmp_path, "search.space={prune.method: {grid: [l1]}}"))
 
@@ -74,6 +76,11 @@ def test_resume_of_a_finished_search_has_nothing_to_do(tmp_path, capsys):
     cfg = _saved_search(tmp_path)
     resume.mark_finished(cfg, 3)
     assert "already finished (registered v3)" in _resume_cli(tmp_path, capsys)
+    # nothing registered only because every finalist's speed was noise: resumable, to re-measure
+    resume.mark_finished(cfg, None, remeasure=True)
+    assert resume.check(cfg)["remeasure"] is True
+    resume.mark_finished(cfg, None)  # nothing registered for another reason: nothing to resume
+    assert "already finished; nothing to resume" in _resume_cli(tmp_path, capsys)
 
 
 def test_a_state_file_that_is_not_ours_is_refused(tmp_path, capsys):
