@@ -49,8 +49,9 @@ def test_run_bench_speedups_follow_an_injected_clock():
     cache = {}
 
     def clock(model, x):
-        cache.setdefault(id(model), count_macs(model, x.shape[-1]))
-        return cache[id(model)] * 1e-9 * x.shape[0]
+        # the model is kept in the cache: a freed model's id can be reused by the next one
+        cache.setdefault(id(model), (model, count_macs(model, x.shape[-1])))
+        return cache[id(model)][1] * 1e-9 * x.shape[0]
 
     models = [BenchModel("dense", dense), BenchModel("a", small), BenchModel("b", smaller)]
     rows = run_bench(models, 32, [1, 4], ["fp32"], [False, True], [False], rounds=4, timer=clock)

@@ -102,8 +102,9 @@ def test_decide_registers_the_winner_with_its_remeasured_speed(tmp_path):
     cache = {}
 
     def clock(model, x):
-        cache.setdefault(id(model), count_macs(model, x.shape[-1]))
-        return cache[id(model)] * 1e-9
+        # the model is kept in the cache: a freed model's id can be reused by the next one
+        cache.setdefault(id(model), (model, count_macs(model, x.shape[-1])))
+        return cache[id(model)][1] * 1e-9
 
     result = _decide(rows, cfg, timer=clock)
     best = result["best"]

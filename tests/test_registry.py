@@ -51,9 +51,9 @@ def macs_timer(noise=None):
     cache, rng = {}, random.Random(0)
 
     def timer(model, x):
-        if id(model) not in cache:
-            cache[id(model)] = count_macs(model, x.shape[-1]) * 1e-9
-        return cache[id(model)] * (noise(rng) if noise else 1.0)
+        if id(model) not in cache:  # the model is kept: a freed model's id can be reused by the next one
+            cache[id(model)] = (model, count_macs(model, x.shape[-1]) * 1e-9)
+        return cache[id(model)][1] * (noise(rng) if noise else 1.0)
 
     return timer
 
