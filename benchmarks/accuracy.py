@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launch.recipe import baseline_path, run_pretrain, run_trial  # noqa: E402
-from methods import get_method_class, keep_count, method_names  # noqa: E402
+from methods import get_method_class, method_names  # noqa: E402
 from pipeline import registry  # noqa: E402
 from pipeline.config import absolutize, build_config  # noqa: E402
 from pipeline.data.convert import write_digits  # noqa: E402
@@ -44,19 +44,18 @@ PEERS = ["tp_magnitude", "tp_bnscale"]
 
 
 def uniform_ratio_for(arch: str, image_size: int, target: float, round_to: int = 1, method: str = "l1") -> float:
-    """The uniform prune_ratio whose kept widths give ``target`` MACs reduction (bisection), for
-    the groups ``method`` prunes: AutoPruner never gates the last block, so its ratio must be
-    higher for the same MACs (with the l1 ratio it removed 43 % where 50 % was asked)."""
+    """The prune_ratio whose widths, as ``method`` plans them (``n_keep``), give ``target`` MACs
+    reduction (bisection): AutoPruner never gates the last block, so its ratio must be higher
+    for the same MACs (with the l1 ratio it removed 43 % where 50 % was asked)."""
     model = build_model(arch, 10)
     groups = find_groups(model, image_size, "inner")
     profile = macs_profile(model, image_size)
     dense = sum(profile.values())
-    pruned_groups = getattr(get_method_class(method)(groups, 0.5), "gated", groups)
+    cls = get_method_class(method)
 
     def reduction(r: float) -> float:
-        kept = {g.name: g.size for g in groups}
-        kept.update({g.name: keep_count(g.size, r, round_to, g.channel_groups) for g in pruned_groups})
-        return 1 - macs_after(profile, groups, kept) / dense
+        planned = cls(groups, r, round_to)
+        return 1 - macs_after(profile, groups, {g.name: planned.n_keep(g) for g in groups}) / dense
 
     lo, hi = 0.0, 0.99
     for _ in range(40):

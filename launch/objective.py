@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import Config, ObjectiveConfig
 
+NOISY = "speed not reliably measured"  # the one violation a re-measurement on a quiet machine may lift
 SPEED_KEYS = ("img_s", "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable", "speedup_efficiency")
 
 
@@ -27,7 +28,7 @@ def violations(row: dict[str, Any], obj: ObjectiveConfig) -> list[str]:
     why = []
     if obj.min_speedup is not None:
         if not row.get("speed_reliable"):
-            why.append("speed not reliably measured")
+            why.append(NOISY)
         elif (row.get("speedup") or 0.0) < obj.min_speedup:
             why.append(f"speed-up {row.get('speedup', 0):.2f}x < {obj.min_speedup}x")
     if obj.max_top1_drop is not None:
@@ -83,7 +84,7 @@ def choose(rows: list[dict[str, Any]], obj: ObjectiveConfig) -> tuple[dict[str, 
 def only_noise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished trials that :func:`choose` turned down for no reason but a noisy speed figure:
     a re-measurement on a quiet machine could still make one the winner."""
-    return [r for r in rows if r.get("why_not") == "speed not reliably measured"]
+    return [r for r in rows if r.get("why_not") == NOISY]
 
 
 def describe(obj: ObjectiveConfig) -> str:

@@ -167,6 +167,7 @@ class AutoPruner(Method):
             gates.single_consumer(g, self.name)
         last = _block_of(self.groups[-1]) if self.groups else ""
         self.gated = [g for g in self.groups if not (self.options.skip_last_block and _block_of(g) == last)]
+        self._gated_names = {g.name for g in self.gated}
         stages: list[str] = []
         for g in self.gated:
             if _stage_of(g.name) not in stages:
@@ -314,6 +315,10 @@ class AutoPruner(Method):
         self.lambdas[g.name] = self.options.lambda_scale * abs(pruned - self.prune_ratio)
 
     # --- decision ----------------------------------------------------------------------------
+    def n_keep(self, group: ChannelGroup) -> int:
+        """The configured width of a gated group; an ungated one (the last block) keeps all."""
+        return super().n_keep(group) if group.name in self._gated_names else group.size
+
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}  # ungated: all kept
         for g in self.gated:

@@ -129,6 +129,8 @@ def test_last_block_of_layer4_is_never_gated():
     assert last and not gated & last and gated == {g.name for g in groups} - last
     masks = ap.keep_masks(model)
     assert all(bool(masks[n].all()) for n in last)
+    # the widths it plans (what a benchmark bisects its ratio on) are the widths it keeps
+    assert {g.name: ap.n_keep(g) for g in groups} == {n: int(m.sum()) for n, m in masks.items()}
     ap2, model2, groups2 = _method(arch="resnet50", size=32, skip_last_block=False)
     assert {g.name for g, _ in gates.layers(model2, groups2)} == {g.name for g in groups2}
 
