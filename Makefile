@@ -3,16 +3,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# No wheel cache: torch's CUDA wheels are ~4 GB, and a cached copy of them doubled the install's
+# peak disk use (a CI run once died of a full disk while installing).
+PIP := $(PY) -m pip -q --no-cache-dir
 DIGITS := data/digits/dataset.json
 
 .PHONY: setup demo test test-fast bench-accuracy bench-speed lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-deepspeed.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -r requirements.txt -r requirements-dev.txt
+	DS_BUILD_OPS=0 $(PIP) install --no-build-isolation -r requirements-deepspeed.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
