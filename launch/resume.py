@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ def check(cfg: Config) -> dict[str, Any]:
     if not where.is_dir() or not tune.Tuner.can_restore(str(where)):
         raise ConfigError(f"search --resume: nothing to resume in {str(where)!r} (no search named {cfg.name!r} was "
                           "started in this output_dir); run it without --resume")
+    refuse_untrusted(where)
     state = _read_state(cfg)
     if state is None:
         raise ConfigError(f"search --resume: {str(where)!r} has no {STATE} (not started by this prunepipe); "
@@ -134,6 +136,29 @@ def check(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"search --resume: the config differs from the interrupted search's ({shown}{more}); "
                           "resume with the same config and overrides, or run without --resume to start a new search")
     return state
+
+
+def refuse_untrusted(where: Path) -> None:
+    """Refuse to resume from state that someone else could have written. ``Tuner.restore``
+    unpickles ``tuner.pkl`` and the trials pickled into ``experiment_state-*.json``: running
+    whatever code a planted file names. So, as ssh does for its keys, the folder, the two above
+    it and every file in it must belong to this user (or root) and be writable by no one else.
+    Group-writable counts as foreign too: a shared project folder (umask 002) lets every member
+    of the group plant a pickle. A sticky folder (``/tmp``) only lets owners replace entries."""
+    me = os.getuid()
+    paths = [where.parent.parent, where.parent, where, *sorted(p for p in where.iterdir() if p.is_file())]
+    for path in paths:
+        st = path.stat()
+        sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+        if st.st_uid not in (me, 0):
+            why = f"belongs to uid {st.st_uid}, not to you (uid {me})"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            why = f"is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):o})"
+        else:
+            continue
+        raise ConfigError(f"search --resume: {str(path)!r} {why}; Ray Tune's resume unpickles this search's state, "
+                          f"which runs code, so it must be yours alone: `chmod -R go-w {str(where)!r}` (and its two "
+                          "parents) if you trust its contents, or start the search afresh without --resume")
 
 
 def reopen_parent(cfg: Config, parent_run_id: str | None) -> None:

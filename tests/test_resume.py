@@ -4,6 +4,7 @@ interruptions are in tests/test_faults_ray.py."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +43,10 @@ def _saved_search(tmp_path: Path, *extra: str):
     and prunepipe's state, written for the config ``extra`` makes."""
     cfg = _cfg(tmp_path, *extra)
     resume.record(cfg, None)
-    (resume.experiment_dir(cfg) / "tuner.pkl").write_bytes(b"")
+    where = resume.experiment_dir(cfg)
+    (where / "tuner.pkl").write_bytes(b"")
+    for path in (where.parent.parent, where.parent, where, *where.iterdir()):
+        path.chmod(path.stat().st_mode & ~0o022)  # as under umask 022, whatever this machine's umask
     return cfg
 
 
@@ -89,6 +93,27 @@ def test_a_state_file_that_is_not_ours_is_refused(tmp_path, capsys):
     assert "is not a prunepipe search state" in _resume_cli(tmp_path, capsys)
     (resume.experiment_dir(cfg) / resume.STATE).unlink()
     assert f"has no {resume.STATE}" in _resume_cli(tmp_path, capsys)
+
+
+def test_state_that_another_user_could_have_written_is_not_unpickled(tmp_path, capsys, monkeypatch):
+    cfg = _saved_search(tmp_path)
+    where, pkl = resume.experiment_dir(cfg), resume.experiment_dir(cfg) / "tuner.pkl"
+    pkl.chmod(0o666)
+    line = _resume_cli(tmp_path, capsys)
+    assert f"{str(pkl)!r} is writable by others (mode 666)" in line and "chmod -R go-w" in line
+    pkl.chmod(0o644)
+    where.parent.chmod(0o775)  # a group-shared tune/ folder: any member could swap the search in
+    assert f"{str(where.parent)!r} is writable by its group" in _resume_cli(tmp_path, capsys)
+    where.parent.chmod(0o1777)  # sticky, as /tmp: only an entry's owner may replace it
+    assert resume.check(cfg)["fingerprint"] == resume.fingerprint(cfg)
+    where.parent.chmod(0o755)
+    if os.getuid() == 0:
+        os.chown(pkl, 12345, -1)  # a file another user wrote
+        other = 12345
+    else:  # only root may give a file away: the other user is the one we pretend to be
+        other = os.getuid()
+        monkeypatch.setattr(resume.os, "getuid", lambda: other + 1)
+    assert f"{str(pkl)!r} belongs to uid {other}, not to you" in _resume_cli(tmp_path, capsys)
 
 
 def test_fingerprint_is_the_same_before_and_after_the_baseline_step(tmp_path):
