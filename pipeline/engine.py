@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -133,8 +134,13 @@ def lr_schedule(
 
 def fast_forward(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
     """Advance ``scheduler`` by ``steps`` optimizer steps (a phase resumed mid-way)."""
-    for _ in range(steps):
-        scheduler.step()
+    with warnings.catch_warnings():
+        # stepping the schedule with no optimizer step is the point here (the steps were taken
+        # before the restart); torch's "scheduler.step() before optimizer.step()" would alarm a
+        # user resuming a trial for nothing
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        for _ in range(steps):
+            scheduler.step()
 
 
 def optimizer_steps(batches: int, grad_accum: int) -> int:
