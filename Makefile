@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(DIGITS): | $(STAMP)
 	$(VENV)/bin/prunepipe data digits --out data/digits
 
-# A small CPU search: dense baseline, 4 trials x 2 DDP workers, a registered model and a table.
+# A small CPU search: dense baseline, 6 trials (one per method) x 2 DDP workers, a registered model and a table.
 demo: $(STAMP) $(DIGITS)
 	$(VENV)/bin/prunepipe search configs/demo.yaml
 
