@@ -93,15 +93,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = _load(args, for_search=True)
     if not cfg.search.space:
         raise ConfigError("search.space: empty; name at least one key to search (see configs/demo.yaml)")
+    if args.trust_state and not args.resume:
+        raise ConfigError("--trust-state: only with --resume (it lets a resume load state others could have written)")
     if args.resume:
         from launch.resume import check
 
-        check(cfg)  # nothing to resume, or other settings: one line, before a baseline is trained
+        check(cfg, args.trust_state)  # nothing to resume, or other settings: one line, before a baseline is trained
     if cfg.data.backend != "synthetic":
         read_manifest(cfg.data.root)  # here, as one line: inside Ray it is a worker's traceback
     check_writable(cfg)
     cfg = ensure_baseline(cfg, verbose=args.verbose)
-    result = run_search(cfg, verbose=args.verbose, resume=args.resume)
+    result = run_search(cfg, verbose=args.verbose, resume=args.resume, trust_state=args.trust_state)
     print()
     print(format_table(result["rows"], result["best"], result.get("why")))
     if result.get("plot"):
@@ -344,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in output_dir/tune/NAME "
                    "(same config and overrides): finished trials are kept, unfinished ones resume from their last "
                    "epoch's checkpoint; by default a rerun starts a new search beside it")
+    p.add_argument("--trust-state", action="store_true", help="with --resume: load the search's pickled state even "
+                   "if another user owns it or its folder is group- or world-writable (a team's shared output_dir); "
+                   "unpickling runs code, so only where you trust everyone who can write there")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("show", help="describe a pruned model", description="Load a pruned model from a folder or "

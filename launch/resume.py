@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -110,16 +111,17 @@ def mark_finished(cfg: Config, version: int | None, remeasure: bool = False) -> 
                                                   "remeasure": remeasure})
 
 
-def check(cfg: Config) -> dict[str, Any]:
+def check(cfg: Config, trust_state: bool = False) -> dict[str, Any]:
     """The saved state of the search ``cfg`` names, if it can be resumed under ``cfg``;
-    otherwise a one-line :class:`ConfigError` (nothing there, finished, or other settings)."""
+    otherwise a one-line :class:`ConfigError` (nothing there, finished, other settings, or a
+    folder others could write unless ``trust_state``)."""
     from ray import tune
 
     where = experiment_dir(cfg)
     if not where.is_dir() or not tune.Tuner.can_restore(str(where)):
         raise ConfigError(f"search --resume: nothing to resume in {str(where)!r} (no search named {cfg.name!r} was "
                           "started in this output_dir); run it without --resume")
-    refuse_untrusted(where)
+    refuse_untrusted(where, trust_state)
     state = _read_state(cfg)
     if state is None:
         raise ConfigError(f"search --resume: {str(where)!r} has no {STATE} (not started by this prunepipe); "
@@ -138,27 +140,41 @@ def check(cfg: Config) -> dict[str, Any]:
     return state
 
 
-def refuse_untrusted(where: Path) -> None:
+def refuse_untrusted(where: Path, trust_state: bool = False) -> None:
     """Refuse to resume from state that someone else could have written. ``Tuner.restore``
     unpickles ``tuner.pkl`` and the trials pickled into ``experiment_state-*.json``: running
     whatever code a planted file names. So, as ssh does for its keys, the folder, the two above
     it and every file in it must belong to this user (or root) and be writable by no one else.
     Group-writable counts as foreign too: a shared project folder (umask 002) lets every member
-    of the group plant a pickle. A sticky folder (``/tmp``) only lets owners replace entries."""
+    of the group plant a pickle. A sticky folder (``/tmp``) only lets owners replace entries.
+    ``trust_state`` (``--trust-state``) is for a team that shares its output_dir on purpose
+    (a teammate's search, a group-writable project folder): the risk is named on stderr and taken."""
+    why = untrusted(where)
+    if why is None:
+        return
+    if trust_state:
+        print(f"prunepipe: warning: search --resume --trust-state: {why}; its pickled state is loaded anyway",
+              file=sys.stderr)
+        return
+    raise ConfigError(f"search --resume: {why}; Ray Tune's resume unpickles this search's state, which runs "
+                      f"code, so it must be yours alone: `chmod -R go-w {str(where)!r}` (and its two parents) if "
+                      "you trust its contents, --trust-state if you trust everyone who can write there (a team's "
+                      "shared folder), or start the search afresh without --resume")
+
+
+def untrusted(where: Path) -> str | None:
+    """Why someone other than this user (or root) could have written the search's state, or None."""
     me = os.getuid()
     paths = [where.parent.parent, where.parent, where, *sorted(p for p in where.iterdir() if p.is_file())]
     for path in paths:
         st = path.stat()
         sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
         if st.st_uid not in (me, 0):
-            why = f"belongs to uid {st.st_uid}, not to you (uid {me})"
-        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
-            why = f"is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} (mode {stat.S_IMODE(st.st_mode):o})"
-        else:
-            continue
-        raise ConfigError(f"search --resume: {str(path)!r} {why}; Ray Tune's resume unpickles this search's state, "
-                          f"which runs code, so it must be yours alone: `chmod -R go-w {str(where)!r}` (and its two "
-                          "parents) if you trust its contents, or start the search afresh without --resume")
+            return f"{str(path)!r} belongs to uid {st.st_uid}, not to you (uid {me})"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+            who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+            return f"{str(path)!r} is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def reopen_parent(cfg: Config, parent_run_id: str | None) -> None:

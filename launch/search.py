@@ -143,17 +143,18 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
         tune.report(final)
 
 
-def run_search(cfg: Config, verbose: bool = False, resume: bool = False) -> dict[str, Any]:
+def run_search(cfg: Config, verbose: bool = False, resume: bool = False, trust_state: bool = False) -> dict[str, Any]:
     """Search ``cfg.search.space``, register the best trial's model as ``challenger``; the
     trials' MLflow runs nest under one parent run that ends with the search. ``resume``
-    continues the interrupted search of this name and output_dir (launch/resume.py)."""
+    continues the interrupted search of this name and output_dir (launch/resume.py), whose
+    folder others may write if ``trust_state``."""
     from launch import search_log
     from launch.checks import check_config
     from launch.sync import sync_pending
 
     check_config(cfg, for_search=True)  # every method, option and scope the space may draw, before Ray starts
     if resume:
-        parent = resuming.check(cfg).get("parent_run_id")
+        parent = resuming.check(cfg, trust_state).get("parent_run_id")
         resuming.reopen_parent(cfg, parent)
     else:
         parent = search_log.start_parent(cfg)

@@ -116,6 +116,20 @@ def test_state_that_another_user_could_have_written_is_not_unpickled(tmp_path, c
     assert f"{str(pkl)!r} belongs to uid {other}, not to you" in _resume_cli(tmp_path, capsys)
 
 
+def test_trust_state_resumes_a_team_shared_search_folder_and_says_what_it_trusted(tmp_path, capsys):
+    cfg = _saved_search(tmp_path)
+    where = resume.experiment_dir(cfg)
+    where.parent.parent.chmod(0o2775)  # a group-shared project output_dir (setgid, umask 002)
+    assert "--trust-state if you trust" in _resume_cli(tmp_path, capsys)
+    assert resume.check(cfg, trust_state=True)["fingerprint"] == resume.fingerprint(cfg)
+    err = capsys.readouterr().err
+    assert err.startswith("prunepipe: warning: search --resume --trust-state:") and "its group" in err
+    assert str(where.parent.parent) in err
+    # trusting is only for a resume: a plain search with it is a usage error, before any work
+    assert cli.main(["search", str(DEMO), *_overrides(tmp_path), "--trust-state"]) == 2
+    assert "--trust-state: only with --resume" in capsys.readouterr().err
+
+
 def test_fingerprint_is_the_same_before_and_after_the_baseline_step(tmp_path):
     # cmd_search checks before ensure_baseline sets model.weights; run_search records after it
     before = _cfg(tmp_path, "baseline.epochs=2")
