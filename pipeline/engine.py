@@ -345,7 +345,8 @@ def _check_equal_steps(steps: int, info: DistInfo) -> None:
 def evaluate(
     model: nn.Module, loader: Loader, info: DistInfo, amp: torch.dtype | None = None, channels_last: bool = False
 ) -> dict[str, float]:
-    """Top-1, top-5 and loss over the whole split (each rank evaluates its share; all-reduced)."""
+    """Top-1, top-5 and loss over the whole split (each rank evaluates its share; all-reduced).
+    As in :func:`train_epoch`, the sums stay on the device until the end: no per-batch sync."""
     net = model  # the plain module, no DDP forward: ranks may hold different batch counts
     net.eval()
     stats = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss sum, top1, top5, count
@@ -355,18 +356,10 @@ def evaluate(
         with torch.autocast(info.device.type, dtype=amp, enabled=amp is not None):
             logits = net(images).float()
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        stats += torch.tensor(
-            [
-                nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-                hit[:, 0].sum().item(),
-                hit.any(1).sum().item(),
-                labels.numel(),
-            ],
-            dtype=torch.float64,
-            device=info.device,
-        )
+        hit = logits.topk(k, dim=1).indices == labels[:, None]
+        stats[:3] += torch.stack([nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                                  hit[:, 0].sum().double(), hit.any(1).sum().double()])
+        stats[3] += labels.numel()
     all_reduce_sum(stats, info)
     count = max(1.0, stats[3].item())
     return {"val_loss": stats[0].item() / count, "val_top1": stats[1].item() / count, "val_top5": stats[2].item() / count}
