@@ -323,6 +323,10 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, why: s
         )
     if any(r.get("speed_reliable") == 0 for r in rows):
         lines.append("? speed too noisy to trust (speed_reliable = 0): another job shared the machine; re-measure alone")
+    for r in rows:
+        if r.get("speed_drifted"):
+            lines.append(f"? {r['trial']}: the machine's speed changed while it was timed (its dense ran "
+                         f"{r['speed_drift']:+.0%} off the finalists' median), twice")
     if best is not None:
         lines.append(f"* chosen: {best.get('registered', 'not registered')} — {why or 'best top-1'}")
     else:

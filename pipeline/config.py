@@ -265,6 +265,9 @@ class MeasureConfig(_Strict):
     # CPU timing only: other processes using more than this share of all cores while we time make
     # the result unreliable, however tight (a steady hog slows both models alike: a wrong 1.0x)
     max_foreign_cpu: float = Field(0.15, gt=0.0, le=1.0)
+    # a search's finalists are each timed against the same dense model: one whose dense rate is
+    # this far off the median over the finalists is measured again, then flagged if still off
+    max_drift: float = Field(0.2, gt=0.0, le=10.0)
     # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
     fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default

@@ -119,3 +119,41 @@ def test_decide_registers_the_winner_with_its_remeasured_speed(tmp_path):
     assert result["plot"].stat().st_size > 10_000
     table = format_table(rows, best, result["why"])
     assert "most accurate" in table and "1.2x" in table
+
+
+@pytest.mark.parametrize("slow_sessions, flagged", [({2}, False), ({2, 4}, True)])
+def test_a_finalist_timed_while_the_machine_ran_slow_is_measured_again_then_flagged(tmp_path, slow_sessions, flagged):
+    """Every finalist is timed against the same dense model, so the dense rate must agree across
+    them. A clock proportional to MACs stands in for the machine, and it runs the dense model
+    1.5x slower in the listed measurement sessions (0-3: rows a-d in turn; 4: the next one). The
+    third finalist's is slowed: it is measured again; if the machine is slow then too, it is flagged."""
+    cfg = build_config({"output_dir": str(tmp_path), "measure": {"rounds": 4, "warmup": 0, "batch_size": 2},
+                        "data": {"image_size": 32}})
+    rows = []
+    for name, ratio in (("a", 0.3), ("b", 0.4), ("c", 0.5), ("d", 0.6)):
+        model = _pruned(ratio)
+        folder = save_pruned(model, tmp_path / name, make_spec(model, "resnet18", 10, image_size=32))
+        rows.append(_row(name, 0.9, 9.9, model_dir=str(folder)))
+    dense_macs = count_macs(torchvision.models.resnet18(num_classes=10), 32)
+    cache, sessions = {}, {}
+
+    def clock(model, x):
+        cache.setdefault(id(model), (model, count_macs(model, x.shape[-1])))  # kept: ids are not reused
+        macs = cache[id(model)][1]
+        if macs == dense_macs:  # one dense copy per measurement session, in order
+            session = sessions.setdefault(id(model), len(sessions))
+            return macs * 1e-9 * (1.5 if session in slow_sessions else 1.0)
+        return macs * 1e-9
+
+    objective.remeasure(rows, cfg, timer=clock)
+    a, b, c, d = rows
+    assert len(sessions) == 5  # four finalists, and c once more
+    assert all(r["speed_reliable"] == 1.0 and abs(r["speed_drift"]) < 0.01 for r in (a, b, d))
+    assert c["speed_reliable"] == (0.0 if flagged else 1.0)
+    assert bool(c.get("speed_drifted")) == flagged
+    assert c["speed_drift"] == pytest.approx(-1 / 3 if flagged else 0.0, abs=0.01)
+    assert c["trial_speedup"] == 9.9  # the trial's own figure, not the first re-measurement
+    table = format_table(rows, None, "why")
+    assert ("c: the machine's speed changed while it was timed" in table) == flagged
+    # with two finalists the odd one out cannot be told: none is flagged
+    assert objective.drifted([dict(a), dict(c, dense_img_s=a["dense_img_s"] / 2)], 0.2) == []
