@@ -117,11 +117,20 @@ def main(out, root):
         losses, w = run(info, root, name)
         r["curves"][name] = losses
         r["weights_diff"][name] = float((w - ref_w).abs().max())
-    # gradient accumulation and clipping: the engine's boundaries on both backends
-    a, wa = run(info, root, "ddp", grad_accum=2, grad_clip=1.0)
-    b, wb = run(info, root, "z2", grad_accum=2, grad_clip=1.0)
+    # gradient accumulation and clipping: the engine's boundaries on both backends, over the first
+    # epoch (2 micro-batches, one step). Only one: the backends sum and clip in another order (~1e-7
+    # apart), and later steps can amplify that through ReLU and max-pool ties into 1e-4 (seen on
+    # one CPU, not on another), which says nothing about the boundaries or the norm.
+    one = range(1)
+    a, wa = run(info, root, "ddp", epochs=one, grad_accum=2, grad_clip=1.0)
+    b, wb = run(info, root, "z2", epochs=one, grad_accum=2, grad_clip=1.0)
+    _, w_no_accum = run(info, root, "ddp", epochs=one, grad_clip=1.0)
+    _, w_no_clip = run(info, root, "ddp", epochs=one, grad_accum=2)
+    _, w_z2_no_clip = run(info, root, "z2", epochs=one, grad_accum=2)
     r["accum"] = {"ddp": a, "z2": b, "weights_diff": float((wa - wb).abs().max()),
-                  "differs_from_no_accum": float((wa - ref_w).abs().max())}
+                  "differs_from_no_accum": float((wa - w_no_accum).abs().max()),
+                  "differs_from_no_clip": float((wa - w_no_clip).abs().max()),
+                  "z2_differs_from_no_clip": float((wb - w_z2_no_clip).abs().max())}
     # training-aware methods whose hooks edit parameters, DDP against ZeRO-2
     r["methods"] = {}
     for m, options in (("sfp", {}), ("ista", {"rho": 0.05})):
