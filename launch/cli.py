@@ -183,7 +183,7 @@ def _load_any(source: str, tracking_uri: str | None):
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.bench import BenchModel, format_rows, plot_speedups, run_bench
+    from pipeline.bench import BenchModel, distinct_labels, format_rows, plot_speedups, run_bench
     from pipeline.models import build_model
 
     loaded = [(src, *_load_any(src, args.tracking_uri)) for src in args.models]
@@ -203,8 +203,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no GPU is visible here")
-    models = [BenchModel(dense_label, dense)] + [BenchModel(Path(src).name if not src.startswith("models:/") else src, m)
-                                                 for src, m, _ in loaded]
+    labels = distinct_labels([src for src, _, _ in loaded])
+    models = [BenchModel(dense_label, dense)] + [BenchModel(label, m) for label, (_, m, _) in zip(labels, loaded, strict=True)]
     try:
         rows = run_bench(models, size, args.batch_sizes, args.precision, [c == "on" for c in args.channels_last],
                          [c == "on" for c in args.compile], rounds=args.rounds, device=device,

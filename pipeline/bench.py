@@ -114,6 +114,18 @@ def _rows(models, times, batch, precision, cl, comp, max_spread, foreign: float 
     return out
 
 
+def distinct_labels(sources: list[str]) -> list[str]:
+    """A short name per model that tells it from the others: a ``models:/`` URI as given, a
+    folder by as few trailing path parts as make every name distinct (a search saves every
+    trial's model as ``<trial>/model``, so the folder's own name says nothing)."""
+    parts = [(s,) if s.startswith("models:/") else Path(s).resolve().parts for s in sources]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(sources)  # the same model given twice: as given
+
+
 def format_rows(rows: list[BenchRow]) -> str:
     head = ("| model | batch | precision | channels_last | compiled | MACs red. | img/s | speed-up [IQR] | "
             "p50 ms | p90 ms |")

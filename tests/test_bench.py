@@ -10,7 +10,7 @@ import torchvision
 
 from methods import keep_count
 from pipeline import registry
-from pipeline.bench import BenchModel, run_bench
+from pipeline.bench import BenchModel, distinct_labels, run_bench
 from pipeline.config import RegistryConfig
 from pipeline.measure import count_macs, fold_batchnorm
 from pipeline.spec import make_spec, save_pruned
@@ -78,11 +78,21 @@ def test_bench_command_times_folders_and_registry_versions(tmp_path):
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [ln for ln in (tmp_path / "t.md").read_text().splitlines() if ln.startswith("| ") and not ln.startswith("| model |")]
+    assert {ln.split("|")[1].strip() for ln in table} == {"dense resnet18", "a", "models:/m@challenger"}
     assert len(table) == 3 * 2 * 2  # dense + 2 models, 2 batch sizes, 2 precisions
     assert all(("| 1 |" in ln) == (ln.split("|")[-2].strip() != "-") for ln in table)  # latency at batch 1 only
     assert plot.stat().st_size > 10_000
     arts = [f.path for f in client.list_artifacts(run.info.run_id, "bench")]
     assert "bench/bench.md" in arts and "bench/speed.png" in arts
+
+
+def test_bench_labels_tell_every_model_apart(tmp_path):
+    # a search's trials all save to <trial>/model: the folder's own name would label every row "model"
+    trials = [str(tmp_path / "trials" / t / "model") for t in ("t_00000", "t_00001")]
+    assert distinct_labels(trials) == ["t_00000/model", "t_00001/model"]
+    assert distinct_labels([str(tmp_path / "a"), "models:/m@champion"]) == ["a", "models:/m@champion"]
+    same = [str(tmp_path / "a"), str(tmp_path / "a")]
+    assert distinct_labels(same) == same  # one model given twice cannot be told apart: shown as given
 
 
 @pytest.mark.parametrize("args, words", [
