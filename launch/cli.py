@@ -113,11 +113,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from pipeline.measure import count_macs, count_params
-    from pipeline.spec import load_pruned, stage_widths
+    from pipeline.spec import stage_widths
 
     source = args.model
-    folder = _fetch(source, args.tracking_uri) if source.startswith("models:/") else Path(source)
-    model, spec = load_pruned(folder)
+    model, spec = _load_any(source, args.tracking_uri)
     size = int(spec.get("image_size", 224))
     print(f"{source}: {spec['arch']}, {spec['num_classes']} classes, input {size}x{size}")
     print(f"MACs {count_macs(model, size) / 1e6:.2f} M   params {count_params(model) / 1e6:.3f} M")
@@ -159,8 +158,8 @@ def _check_store(uri: str) -> None:
         raise ConfigError(f"--tracking-uri {uri}: no MLflow store there")
 
 
-def _fetch(source: str, tracking_uri: str | None) -> Path:
-    """A ``models:/`` URI → a local pruned-model folder, from the store given (or $MLFLOW_TRACKING_URI)."""
+def _load_registered(source: str, tracking_uri: str | None):
+    """A ``models:/`` URI → (model, spec), from the store given (or $MLFLOW_TRACKING_URI)."""
     if not _MODEL_URI.fullmatch(source):
         raise ConfigError(f"{source!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -169,15 +168,14 @@ def _fetch(source: str, tracking_uri: str | None) -> Path:
     _check_store(uri)
     from pipeline import registry
 
-    return registry.download_model(source, uri)
+    return registry.load_registered(source, uri)
 
 
 def _load_any(source: str, tracking_uri: str | None):
     """A pruned-model folder or a ``models:/`` URI → (model, spec)."""
     from pipeline.spec import load_pruned
 
-    folder = _fetch(source, tracking_uri) if source.startswith("models:/") else Path(source)
-    return load_pruned(folder)
+    return _load_registered(source, tracking_uri) if source.startswith("models:/") else load_pruned(Path(source))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

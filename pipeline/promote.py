@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pipeline import registry
 from pipeline.measure import Timer, compare
 from pipeline.models import build_model
-from pipeline.spec import load_pruned
 
 
 @dataclass
@@ -48,7 +47,7 @@ def promote(
     champion = registry.version_by_alias(client, model_name, registry.CHAMPION)
     if champion is not None and champion.version == challenger.version:
         return Decision(False, f"{model_name}: v{challenger.version} is already the champion")
-    ch_model, ch_spec = load_pruned(registry.download_model(f"models:/{model_name}/{challenger.version}", tracking_uri))
+    ch_model, ch_spec = registry.load_registered(f"models:/{model_name}/{challenger.version}", tracking_uri)
     size = int(ch_spec.get("image_size", 224))
     if champion is None:
         # the first champion must still be faster than the dense model it was pruned from
@@ -65,7 +64,7 @@ def promote(
     if not ch_top1 >= cp_top1 - tolerance:
         return Decision(False, f"not promoted: challenger v{challenger.version} top-1 {ch_top1:.4f} is below champion "
                                f"v{champion.version} {cp_top1:.4f} minus tolerance {tolerance}")
-    cp_model, _ = load_pruned(registry.download_model(f"models:/{model_name}/{champion.version}", tracking_uri))
+    cp_model, _ = registry.load_registered(f"models:/{model_name}/{champion.version}", tracking_uri)
     faster, words = _faster(cp_model, ch_model, size, rounds, batch_size, timer)
     if not faster:
         return Decision(False, f"not promoted: challenger v{challenger.version} is not measured faster than champion "

@@ -9,8 +9,10 @@ unpickles anything. Runs logged before that flavor existed register their ``mode
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -214,12 +216,24 @@ def resolve_version(client: MlflowClient, uri: str, store: str | None = None):
                             f"({str(err).splitlines()[0]})") from None
 
 
-def download_model(uri: str, tracking_uri: str | None = None) -> Path:
-    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder."""
+def download_model(uri: str, tracking_uri: str | None = None, into: str | Path | None = None) -> Path:
+    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder,
+    under ``into``, or else under a temporary folder removed when the process exits (each
+    download is a whole model: left behind, a test suite's downloads filled gigabytes of /tmp)."""
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     mv = resolve_version(client, uri, tracking_uri)
-    dst = tempfile.mkdtemp(prefix="prunepipe-model-")
-    return pruned_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=dst)))
+    if into is None:
+        into = tempfile.mkdtemp(prefix="prunepipe-model-")
+        atexit.register(shutil.rmtree, into, ignore_errors=True)
+    return pruned_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(into))))
+
+
+def load_registered(uri: str, tracking_uri: str | None = None):
+    """(model, spec) of a registered version; the download is removed as soon as it is loaded."""
+    from pipeline.spec import load_pruned
+
+    with tempfile.TemporaryDirectory(prefix="prunepipe-model-") as tmp:
+        return load_pruned(download_model(uri, tracking_uri, into=tmp))
 
 
 def pruned_folder(path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -69,6 +71,12 @@ def test_register_alias_load_and_promote(tmp_path, store):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), dense(x))
+    # loading for use (show, bench, promote) leaves no download behind: each is a whole model
+    before = set(Path(tempfile.gettempdir()).glob("prunepipe-model-*"))
+    again, _ = registry.load_registered("models:/m@challenger", uri)
+    assert set(Path(tempfile.gettempdir()).glob("prunepipe-model-*")) == before
+    with torch.no_grad():
+        assert torch.equal(again(x), dense(x))
     assert client.get_model_version("m", str(v1)).tags["val_top1"] == "0.9"
 
     # the first champion must be faster than the dense model it came from: the dense one is not
