@@ -27,9 +27,10 @@ $(DIGITS): | $(STAMP)
 demo: $(STAMP) $(DIGITS)
 	$(VENV)/bin/prunepipe search configs/demo.yaml
 
-# The whole suite, slow multi-process tests (torchrun, Ray) included.
+# The whole suite, slow multi-process tests (torchrun, Ray) included. PYTHONFAULTHANDLER: a crash
+# after the last test (CI once saw a segmentation fault at exit) prints every thread's stack.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=8
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=8
 
 # Without the multi-process tests, for a quick loop while editing.
 test-fast: $(STAMP)

@@ -146,10 +146,8 @@ def test_prune_under_the_deepspeed_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_search_trial_on_deepspeed_in_ray_train(tmp_path):
-    import ray
-
-    from launch.search import run_search
     from pipeline.config import absolutize, load_config
+    from tests.helpers.isolated import run_search_in_child
 
     cfg = absolutize(load_config(ROOT / "configs" / "demo.yaml", [
         "data.backend=synthetic", "data.synthetic_samples=128", "data.batch_size=16", "data.image_size=16",
@@ -159,10 +157,7 @@ def test_search_trial_on_deepspeed_in_ray_train(tmp_path):
         "search.objective.min_speedup=null",  # the search mechanics on DeepSpeed, not the speed goal
         f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "registry.model_name=ds",
     ]))
-    try:
-        result = run_search(cfg)
-    finally:
-        ray.shutdown()
+    result = run_search_in_child(cfg)
     (row,) = result["rows"]
     assert row["status"] == "done" and 0 < row["macs_reduction"] < 1, row
     assert result["best"] is row
