@@ -9,10 +9,8 @@ unpickles anything. Runs logged before that flavor existed register their ``mode
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -216,15 +214,12 @@ def resolve_version(client: MlflowClient, uri: str, store: str | None = None):
                             f"({str(err).splitlines()[0]})") from None
 
 
-def download_model(uri: str, tracking_uri: str | None = None, into: str | Path | None = None) -> Path:
-    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder,
-    under ``into``, or else under a temporary folder removed when the process exits (each
-    download is a whole model: left behind, a test suite's downloads filled gigabytes of /tmp)."""
+def download_model(uri: str, tracking_uri: str | None, into: str | Path) -> Path:
+    """A ``models:/name@alias`` or ``models:/name/version`` URI → a local pruned-model folder
+    inside the existing folder ``into``: the caller owns it, because each download is a whole
+    model (downloads left in /tmp once filled gigabytes of a shared disk)."""
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     mv = resolve_version(client, uri, tracking_uri)
-    if into is None:
-        into = tempfile.mkdtemp(prefix="prunepipe-model-")
-        atexit.register(shutil.rmtree, into, ignore_errors=True)
     return pruned_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(into))))
 
 

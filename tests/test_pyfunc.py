@@ -62,7 +62,7 @@ def _own_logits(folder: Path, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x)).numpy()
 
 
-def test_pyfunc_by_alias_predicts_prunepipes_logits(registered):
+def test_pyfunc_by_alias_predicts_prunepipes_logits(registered, tmp_path):
     uri, folder, version = registered
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model("models:/tiny@challenger")
@@ -77,7 +77,8 @@ def test_pyfunc_by_alias_predicts_prunepipes_logits(registered):
     assert any(r.startswith("torch==") for r in reqs) and all("==" in r for r in reqs if not r.startswith("-"))
     assert not list(local.rglob("*.pkl")) and len(list(local.glob("artifacts/*/spec.json"))) == 1
     # prunepipe's own URI loader finds the spec folder inside the pyfunc model
-    own, _ = load_pruned(registry.download_model("models:/tiny@challenger", uri))
+    (tmp_path / "dl").mkdir()
+    own, _ = load_pruned(registry.download_model("models:/tiny@challenger", uri, tmp_path / "dl"))
     with torch.no_grad():
         np.testing.assert_allclose(own(torch.from_numpy(x)).numpy(), _own_logits(folder, x), rtol=1e-6, atol=1e-6)
     # the signature is enforced: a wrong image shape is refused before the network runs

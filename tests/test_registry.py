@@ -67,7 +67,8 @@ def test_register_alias_load_and_promote(tmp_path, store):
     v1 = registry.register(client, "m", dense_run, {"val_top1": 0.90, "img_s": 100.0})
     assert int(client.get_model_version_by_alias("m", "challenger").version) == v1
     # loading by alias rebuilds the exact model from spec + safetensors
-    loaded, spec = load_pruned(registry.download_model("models:/m@challenger", uri))
+    (tmp_path / "dl").mkdir()
+    loaded, spec = load_pruned(registry.download_model("models:/m@challenger", uri, tmp_path / "dl"))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), dense(x))
@@ -135,7 +136,7 @@ def test_promote_without_challenger_and_unknown_uri(tmp_path, store):
     with pytest.raises(registry.RegistryError, match="challenger"):
         promote("nobody", cfg.tracking_uri, 0.01)
     with pytest.raises(registry.RegistryError, match="not found"):
-        registry.download_model("models:/nobody@champion", cfg.tracking_uri)
+        registry.download_model("models:/nobody@champion", cfg.tracking_uri, tmp_path)
 
 
 def test_a_shard_folder_is_a_dataset_input_without_mlflows_source_warning(tmp_path, store):
