@@ -107,6 +107,10 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     batch_size: int = Field(64, ge=1, le=4096)  # per rank
     num_workers: int = Field(0, ge=0, le=64)  # DataLoader worker processes; DALI: its CPU threads (min 1)
+    # webdataset with num_workers > 0: a worker that hands over no batch for this long is stuck (a
+    # read that never returns, a deadlock after fork); the rank stops with an error and the worker's
+    # stack instead of leaving every rank waiting. 0 waits for ever.
+    worker_timeout_s: float = Field(600.0, ge=0.0)
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # where DALI decodes: auto = gpu when there is one
     # bad samples (undecodable bytes, missing or bad labels, truncated shards): skip and count
     # them, or stop at the first; an epoch skipping more than max_bad_fraction stops either way

@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,6 +16,7 @@ from methods.autopruner import ACTIVE, FROZEN, IDLE, AutoPrunerGate
 from pipeline.measure import count_macs
 from pipeline.surgery import apply_masks, find_groups, prune_model
 from tests.conftest import ROOT
+from tests.helpers.procs import run_tree
 from tests.lifecycle import calib
 
 
@@ -194,7 +194,7 @@ def _torchrun(*args, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "helpers" / "method_modes_check.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.mark.slow

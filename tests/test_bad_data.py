@@ -120,3 +120,48 @@ def test_lockstep_single_process_passes_everything_through():
 
     with pytest.raises(BadDataError, match="shard x key y"):
         list(lockstep(broken(), info))
+
+
+def _waits_forever(self, sample):
+    import time
+
+    time.sleep(3600)
+
+
+@pytest.mark.timeout(120)  # without the guard, next() below waits for ever
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stuck_worker_stops_the_loader_with_its_stack_and_leaves_no_worker(tiny_synthetic, capfd, monkeypatch,
+                                                                              workers):
+    """A read that never returns (a hung network mount, a deadlock after fork) must not leave a
+    rank, and every rank waiting on it, silent for ever: the loader stops after
+    data.worker_timeout_s, names the setting, and the stuck workers print where they are."""
+    import os
+    import time
+
+    from pipeline.data import loaders
+
+    monkeypatch.setattr(loaders.ShardedSamples, "_decode", _waits_forever)  # forked workers inherit it
+    cfg = DataConfig(root=str(tiny_synthetic), image_size=16, batch_size=8, num_workers=workers, worker_timeout_s=2)
+    loader = build_loader(cfg, "val", 0, 1, torch.device("cpu"))
+    it = iter(loader)
+    started = time.monotonic()
+    with pytest.raises(loaders.DataStallError, match=r"val loader: no batch .* in 2 s \(data.worker_timeout_s\)") as err:
+        next(it)
+    assert time.monotonic() - started < 30
+    pids = [int(p) for p in err.value.args[0].split("worker processes [")[1].split("]")[0].split(", ")]
+    assert len(pids) == workers
+    stacks = capfd.readouterr().err
+    assert stacks.count("in _waits_forever") == workers, stacks[-3000:]
+    del it
+    deadline = time.monotonic() + 30  # the DataLoader's own shutdown ends its workers
+    while any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1][:3]
+              for p in pids):
+        assert time.monotonic() < deadline, f"workers {pids} outlived their loader"
+        time.sleep(0.2)
+
+
+def test_worker_timeout_zero_means_no_timeout(tiny_synthetic):
+    cfg = DataConfig(root=str(tiny_synthetic), image_size=16, batch_size=8, num_workers=1, worker_timeout_s=0)
+    assert build_loader(cfg, "val", 0, 1, torch.device("cpu"))._dl.timeout == 0
+    with pytest.raises(ValueError, match="worker_timeout_s"):
+        DataConfig(worker_timeout_s=-1)

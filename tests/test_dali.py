@@ -3,7 +3,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pipeline.data.errors import BadDataError, parse_label
 from pipeline.data.manifest import DatasetError, read_manifest
 from pipeline.data.shards import index_path, read_index, write_shard
 from tests.conftest import ROOT
+from tests.helpers.procs import run_tree
 
 pytest.importorskip("nvidia.dali")
 
@@ -371,7 +371,7 @@ def test_two_processes_match_one(tmp_path, small):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "helpers" / "dali_eval.py"), str(root), str(bad), str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = run_tree(cmd, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -3,13 +3,13 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from tests.conftest import ROOT
+from tests.helpers.procs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def _torchrun(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_two_rank_ddp_keeps_ranks_identical(tmp_path, digits_root):

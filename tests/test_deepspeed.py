@@ -5,7 +5,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from pipeline.backends import BACKENDS, backend_names
 from pipeline.backends.deepspeed_config import build, derive, merge
 from pipeline.config import TrainConfig
 from tests.conftest import ROOT
+from tests.helpers.procs import run_tree
 
 # Measured (tests/helpers/ds_check.py, 2 gloo ranks, float32): ZeRO 0, 1 and 2 reproduce DDP's
 # losses and weights bit for bit (both all-reduce a sum and divide by the world size). With
@@ -69,7 +69,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun(*args, timeout=900):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
+    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=_env())
 
 
 def _close(a: list[float], b: list[float]) -> bool:
@@ -136,7 +136,7 @@ def test_prune_under_the_deepspeed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
            "--master_port", str(_free_port()), "--no_local_rank", "--module", "launch.cli",
            *_prune_args(tmp_path, "train.zero_stage=1", "train.epochs=1")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900)
+    proc = run_tree(cmd, timeout=900, cwd=ROOT, env=_env())
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     spec = json.loads((tmp_path / "run" / "model" / "spec.json").read_text())
     assert spec["config"]["train"]["backend"] == "deepspeed" and 0 < spec["metrics"]["macs_reduction"] < 1

@@ -4,7 +4,6 @@ recalibration's averaging."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from pipeline.data.manifest import read_manifest
 from tests.conftest import ROOT
 from tests.helpers.known_eval import KNOWN_SPLIT, N_SAMPLES, expected_metrics
+from tests.helpers.procs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def two_ranks(tmp_path_factory, digits_root) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "helpers" / "guards_check.py"), str(out), str(digits_root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = run_tree(cmd, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world"] == 2

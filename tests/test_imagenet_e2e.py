@@ -5,7 +5,6 @@ the PyTorch loader, and both readers see the same validation set."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from pipeline.data.imagenet import ConvertOptions, convert_imagenet
 from tests.conftest import ROOT
 from tests.helpers.mini_imagenet import make_mini_imagenet
+from tests.helpers.procs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,8 @@ def test_prune_trains_under_two_rank_ddp(converted, tmp_path, backend):
            "model.arch=resnet18", "model.weights=null", "prune.method=l1", "prune.prune_ratio=0.5",
            "train.budget_epochs=null", "train.epochs=2", "train.bn_recalib_batches=2", "measure.rounds=2",
            "measure.batch_size=8", f"output_dir={tmp_path / 'run'}", "registry.enabled=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    # 12 s here alone: 300 s is room for a slow CI machine, and a hang costs 5 minutes, not 15
+    proc = run_tree(cmd, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     finals = [json.loads(line.removeprefix("[prunepipe] ")) for line in proc.stdout.splitlines()
               if line.startswith("[prunepipe] {") and '"phase": "final"' in line]

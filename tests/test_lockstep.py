@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers.procs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def test_short_or_failing_reader_on_one_rank_does_not_hang_ddp(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "helpers" / "lockstep_check.py"), str(out), mode]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    proc = run_tree(cmd, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"r.{i}").read_text()) for i in (0, 1))
     if mode == "short":

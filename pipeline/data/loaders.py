@@ -24,10 +24,16 @@ by the engine, which ends the epoch on every rank at once.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import io
 import math
+import os
 import random
+import signal
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,6 +225,7 @@ class Loader:
         synthetic=None,
         errors: BadSampleLog | None = None,
         channels_last: bool = False,
+        name: str = "",
     ) -> None:
         self._dl, self._len, self.device = dataloader, length, device
         self.num_classes = num_classes
@@ -226,6 +233,7 @@ class Loader:
         self._synthetic = synthetic
         self.errors = errors or BadSampleLog()
         self.channels_last = channels_last
+        self.name = name
 
     def set_epoch(self, epoch: int) -> None:
         if self._dataset is not None:
@@ -241,13 +249,57 @@ class Loader:
             return
         non_blocking = self.device.type == "cuda"  # pinned host memory: the copy overlaps compute
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for images, labels, bad in self._dl:
+        for images, labels, bad in self._host_batches():
             for b in bad:
                 self.errors.record(b.shard, b.key, b.reason)  # raises under on_error=fail
             if images is None:
                 continue  # every sample of this batch was bad
             images = images.to(self.device, non_blocking=non_blocking, memory_format=fmt)
             yield images, labels.to(self.device, non_blocking=non_blocking)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[BadSample]]]:
+        """The DataLoader's batches; its timeout (``data.worker_timeout_s``) becomes a
+        :class:`DataStallError` after the stuck workers have printed their stacks."""
+        it = iter(self._dl)
+        while True:
+            stalled = False
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                if not str(err).startswith("DataLoader timed out"):
+                    raise
+                stalled = True
+            if stalled:
+                # raised out here, and without the iterator: the timeout's traceback (as context)
+                # and this frame (in the new traceback) would otherwise keep the iterator alive,
+                # and with it the stuck workers, for as long as the exception lives
+                message = self._stalled(it)
+                del it
+                raise DataStallError(message)
+            yield batch
+
+    def _stalled(self, it: Any) -> str:
+        # the workers registered SIGUSR1 to print every thread's stack (_worker_init): that stack
+        # is what tells a hung read from a deadlock. ``_workers`` is the iterator's own list.
+        pids = [w.pid for w in getattr(it, "_workers", []) if w.is_alive()][:8]
+        for pid in pids:  # one at a time: stacks written at once interleave character by character
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.5)  # written before the next, and before the iterator's shutdown ends it
+        return (f"{self.name or 'data'} loader: no batch from its DataLoader workers in {self._dl.timeout:.0f} s "
+                f"(data.worker_timeout_s): a read that never returns or a deadlocked worker; the stacks of "
+                f"worker processes {pids} are printed above")
+
+
+class DataStallError(RuntimeError):
+    """A DataLoader worker handed over no batch within ``data.worker_timeout_s``."""
+
+
+def _worker_init(worker_id: int) -> None:
+    """In each DataLoader worker: SIGUSR1 prints every thread's stack (see :meth:`Loader._stalled`)."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
 def build_loader(
@@ -299,8 +351,11 @@ def _webdataset_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         collate_fn=_collate,
+        timeout=cfg.worker_timeout_s if cfg.num_workers > 0 else 0,
+        worker_init_fn=_worker_init,
     )
-    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset, errors=errors, channels_last=channels_last)
+    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset, errors=errors, channels_last=channels_last,
+                    name=split)
     loader.set_epoch(0)
     return loader
 

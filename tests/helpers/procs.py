@@ -1,0 +1,81 @@
+"""Run a multi-process command (torchrun and its ranks, their DataLoader workers) so that a hang
+fails the test with every process's Python stack instead of a bare timeout, and leaves nothing
+behind.
+
+Why: ``subprocess.run(timeout=...)`` kills only the process it started. torchrun starts each rank
+in a session of its own, so a hung job's ranks and workers outlived the test on CI, and all the
+failure said was "timed out after 900 seconds" (CI of eb36a60). Here, on timeout, every process
+of the tree gets SIGABRT first: with ``PYTHONFAULTHANDLER=1`` in its environment (set below) a
+Python process prints each thread's stack to the stderr the test captures. Then whatever is left
+is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # ended while we looked
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (…) may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)``; on timeout the test fails with the
+    stacks of every process in the tree and the output so far, and no process of it survives."""
+    env = {**(env if env is not None else os.environ), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    tree: list[int] = []
+    try:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = descendants(proc.pid)
+            # one at a time (stacks written at once interleave character by character), from the
+            # top: a process signalled after its parent died is still where it hung (torchrun's
+            # ranks have sessions of their own; a DataLoader worker notices its parent's death
+            # only after seconds), while a parent signalled after its worker died would have
+            # moved on to the worker's death
+            for pid in [proc.pid, *tree]:
+                _signal_all([pid], signal.SIGABRT)
+                time.sleep(0.3)
+            time.sleep(2)
+            _signal_all([*tree, proc.pid], signal.SIGKILL)
+            out, err = proc.communicate(timeout=60)
+            pytest.fail(f"{' '.join(cmd[:8])} … still running after {timeout:.0f} s; {len(tree) + 1} processes "
+                        f"were sent SIGABRT for their stacks.\n--- stdout (end) ---\n{out[-3000:]}\n"
+                        f"--- stderr (end: stacks) ---\n{err[-20000:]}")
+    finally:
+        if proc.poll() is None or tree:
+            _signal_all([*descendants(proc.pid), *tree, proc.pid], signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
