@@ -44,11 +44,11 @@ def test_a_hung_torchrun_job_fails_with_every_stack_and_leaves_no_process(tmp_pa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(pids)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}  # the helper must set it itself
     with pytest.raises(_pytest.outcomes.Failed) as failed:
-        run_tree(cmd, timeout=30, env={**env, "OMP_NUM_THREADS": "1"})
+        run_tree(cmd, timeout=20, env={**env, "OMP_NUM_THREADS": "1"})
     started = [int(p) for line in pids.read_text().splitlines() for p in line.split()]
-    assert len(started) == 4, "both ranks and both workers should have started within 30 s"
+    assert len(started) == 4, "both ranks and both workers should have started within 20 s"
     message = str(failed.value)
-    assert "still running after 30 s" in message
+    assert "still running after 20 s" in message
     # faulthandler's stacks: each worker in its sleep, each rank waiting on its worker
     assert message.count("in worker_waits_forever") == 2, message[-4000:]
     assert message.count("in rank_waits_on_its_worker") >= 2, message[-4000:]
