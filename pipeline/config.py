@@ -111,6 +111,14 @@ class DataConfig(_Strict):
     # read that never returns, a deadlock after fork); the rank stops with an error and the worker's
     # stack instead of leaving every rank waiting. 0 waits for ever.
     worker_timeout_s: float = Field(600.0, ge=0.0)
+    # how those workers start. forkserver: forked from a clean single-threaded server, not from
+    # the rank, whose gloo/NCCL, OpenMP and progress-bar threads may hold a lock at the moment of
+    # fork that the child then waits on for ever (pytorch/pytorch#130610: DDP with a train and a
+    # val loader hangs by chance; Python 3.14 made forkserver its default for this reason).
+    # forkserver and spawn import the program's main module again: a script of your own that
+    # builds loaders needs the `if __name__ == "__main__":` guard (prunepipe's commands have it).
+    # fork: the old default, for a dataset that cannot be pickled or a script without that guard.
+    worker_start: Literal["forkserver", "spawn", "fork"] = "forkserver"
     dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # where DALI decodes: auto = gpu when there is one
     # bad samples (undecodable bytes, missing or bad labels, truncated shards): skip and count
     # them, or stop at the first; an epoch skipping more than max_bad_fraction stops either way

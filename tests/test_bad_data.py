@@ -1,6 +1,8 @@
 """data.on_error on the PyTorch/WebDataset backend: every kind of bad sample is skipped and counted
 (naming shard and key) or stops the run in one line; never a traceback, never a wrong label."""
 
+import re
+
 import pytest
 import torch
 
@@ -122,42 +124,53 @@ def test_lockstep_single_process_passes_everything_through():
         list(lockstep(broken(), info))
 
 
-def _waits_forever(self, sample):
-    import time
-
-    time.sleep(3600)
-
-
-@pytest.mark.timeout(120)  # without the guard, next() below waits for ever
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_stuck_worker_stops_the_loader_with_its_stack_and_leaves_no_worker(tiny_synthetic, capfd, monkeypatch,
-                                                                              workers):
+@pytest.mark.timeout(180)  # without the guard, the reader below waits for ever
+def test_a_stuck_worker_stops_the_loader_with_its_stack_and_leaves_no_worker(tiny_synthetic):
     """A read that never returns (a hung network mount, a deadlock after fork) must not leave a
     rank, and every rank waiting on it, silent for ever: the loader stops after
-    data.worker_timeout_s, names the setting, and the stuck workers print where they are."""
+    data.worker_timeout_s, names the setting, and each stuck worker prints where it is."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.stuck_reader", str(tiny_synthetic), "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert re.match(r"val loader: no batch .* in 2 s \(data.worker_timeout_s\)", result["error"] or ""), result
+    assert 2 <= result["seconds"] < 30 and len(result["pids"]) == 2
+    assert proc.stderr.count("in waits_forever") == 2, proc.stderr[-3000:]  # one stack each, not interleaved
+    assert result["left"] == [], "workers outlived their loader"
+
+
+def test_workers_are_not_forked_from_the_rank_unless_asked(tiny_synthetic, monkeypatch):
+    """A rank has gloo/NCCL, OpenMP and progress-bar threads; a worker forked from it can inherit
+    a lock one of them held (pytorch/pytorch#130610). By default workers come from a forkserver."""
     import os
-    import time
 
     from pipeline.data import loaders
+    from tests.helpers.stuck_reader import ParentOfWorker
 
-    monkeypatch.setattr(loaders.ShardedSamples, "_decode", _waits_forever)  # forked workers inherit it
-    cfg = DataConfig(root=str(tiny_synthetic), image_size=16, batch_size=8, num_workers=workers, worker_timeout_s=2)
-    loader = build_loader(cfg, "val", 0, 1, torch.device("cpu"))
-    it = iter(loader)
-    started = time.monotonic()
-    with pytest.raises(loaders.DataStallError, match=r"val loader: no batch .* in 2 s \(data.worker_timeout_s\)") as err:
-        next(it)
-    assert time.monotonic() - started < 30
-    pids = [int(p) for p in err.value.args[0].split("worker processes [")[1].split("]")[0].split(", ")]
-    assert len(pids) == workers
-    stacks = capfd.readouterr().err
-    assert stacks.count("in _waits_forever") == workers, stacks[-3000:]
-    del it
-    deadline = time.monotonic() + 30  # the DataLoader's own shutdown ends its workers
-    while any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().rsplit(")", 1)[1][:3]
-              for p in pids):
-        assert time.monotonic() < deadline, f"workers {pids} outlived their loader"
-        time.sleep(0.2)
+    monkeypatch.setattr(loaders, "ShardedSamples", ParentOfWorker)
+
+    def parents(**kw) -> set[int]:
+        cfg = DataConfig(root=str(tiny_synthetic), image_size=16, batch_size=8, num_workers=2, **kw)
+        return {int(y) for _, ys in build_loader(cfg, "val", 0, 1, torch.device("cpu")) for y in ys}
+
+    by_default = parents()
+    assert len(by_default) == 1 and os.getpid() not in by_default
+    assert parents(worker_start="fork") == {os.getpid()}
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_every_worker_start_method_reads_the_same_samples(tiny_synthetic, start):
+    def labels(how: str) -> list[int]:
+        cfg = DataConfig(root=str(tiny_synthetic), image_size=16, batch_size=8, num_workers=2, worker_start=how)
+        return sorted(int(y) for _, ys in build_loader(cfg, "val", 0, 1, torch.device("cpu")) for y in ys)
+
+    assert labels(start) == labels("forkserver") and len(labels(start)) == 32
 
 
 def test_worker_timeout_zero_means_no_timeout(tiny_synthetic):

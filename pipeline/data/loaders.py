@@ -28,6 +28,8 @@ import contextlib
 import faulthandler
 import io
 import math
+import multiprocessing
+import multiprocessing.context
 import os
 import random
 import signal
@@ -297,6 +299,20 @@ class DataStallError(RuntimeError):
     """A DataLoader worker handed over no batch within ``data.worker_timeout_s``."""
 
 
+def _worker_context(start: str) -> multiprocessing.context.BaseContext:
+    """The start method of DataLoader workers (``data.worker_start``). A forkserver imports this
+    module (torch, torchvision, PIL, webdataset) once; each epoch's workers are then forked from it
+    ready to run, instead of paying the imports as spawned ones would."""
+    if start not in multiprocessing.get_all_start_methods():
+        start = "spawn"  # no forkserver on this platform
+    ctx = multiprocessing.get_context(start)
+    if start == "forkserver":
+        # "__main__" too when the program is a file (a Ray worker's is Ray's default_worker.py):
+        # imported once in the server, not again by every worker of every epoch
+        ctx.set_forkserver_preload(["__main__", __name__])  # no effect once the server runs
+    return ctx
+
+
 def _worker_init(worker_id: int) -> None:
     """In each DataLoader worker: SIGUSR1 prints every thread's stack (see :meth:`Loader._stalled`)."""
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
@@ -353,6 +369,7 @@ def _webdataset_loader(
         collate_fn=_collate,
         timeout=cfg.worker_timeout_s if cfg.num_workers > 0 else 0,
         worker_init_fn=_worker_init,
+        multiprocessing_context=_worker_context(cfg.worker_start) if cfg.num_workers > 0 else None,
     )
     loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset, errors=errors, channels_last=channels_last,
                     name=split)
