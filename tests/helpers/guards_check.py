@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import DataConfig  # noqa: E402
+from pipeline.data import loaders  # noqa: E402
 from pipeline.data.loaders import ShardedSamples, build_loader  # noqa: E402
 from pipeline.distributed import DistInfo, init_distributed, shutdown_distributed  # noqa: E402
 from pipeline.engine import _check_equal_steps, evaluate, recalibrate_bn, train_epoch  # noqa: E402
@@ -38,22 +39,26 @@ def _key_of(row: torch.Tensor) -> str:
     return bytes(int(v) for v in row.tolist()).rstrip(b"\0").decode()
 
 
-def _tag_samples_with_their_keys() -> None:
-    """Make the real loader carry each sample's identity instead of its pixels.
+class KeyTaggedSamples(ShardedSamples):
+    """The real reader, each sample's identity in place of its pixels. A subclass, not a patch:
+    DataLoader workers come from a forkserver (data.worker_start), which imports this module
+    again and never sees a patch made in the rank."""
 
-    ``_decode`` runs in the reader (a DataLoader worker when there are workers; forked, so the
-    patch reaches it); everything else — the rank/worker split, the shuffle buffer, the equal
-    quota, collation, ``Loader.__iter__`` — is the production path.
-    """
-    decode = ShardedSamples._decode
-
-    def tagged(self, sample):
-        image, label, bad = decode(self, sample)
+    def _decode(self, sample):
+        image, label, bad = super()._decode(sample)
         if bad is not None:
             return image, label, bad
         return _key_tensor(sample["__shard__"], str(sample["__key__"])), label, None
 
-    ShardedSamples._decode = tagged
+
+def _tag_samples_with_their_keys() -> None:
+    """Make the real loader carry each sample's identity instead of its pixels.
+
+    Only ``_decode`` changes, in the reader (a DataLoader worker when there are workers);
+    everything else (the rank/worker split, the shuffle buffer, the equal quota, collation,
+    ``Loader.__iter__``) is the production path.
+    """
+    loaders.ShardedSamples = KeyTaggedSamples
 
 
 def _loader_keys(data_root: str, info: DistInfo) -> dict:
