@@ -8,7 +8,7 @@ import textwrap
 import _pytest.outcomes
 import pytest
 
-from tests.helpers.procs import run_tree
+from tests.helpers.procs import alive, run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,6 @@ HANG = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's wait is missing
-
-
 def test_a_hung_torchrun_job_fails_with_every_stack_and_leaves_no_process(tmp_path):
     script, pids = tmp_path / "hang.py", tmp_path / "pids"
     script.write_text(HANG)
@@ -52,4 +44,4 @@ def test_a_hung_torchrun_job_fails_with_every_stack_and_leaves_no_process(tmp_pa
     # faulthandler's stacks: each worker in its sleep, each rank waiting on its worker
     assert message.count("in worker_waits_forever") == 2, message[-4000:]
     assert message.count("in rank_waits_on_its_worker") >= 2, message[-4000:]
-    assert not [p for p in started if _alive(p)]
+    assert not [p for p in started if alive(p)]

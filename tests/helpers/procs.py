@@ -21,18 +21,27 @@ from pathlib import Path
 import pytest
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the name (state, ppid, …); None once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a zombie has ended (only its parent's wait is missing)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (children first), read from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # ended while we looked
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (…) may hold spaces
-        children.setdefault(ppid, []).append(int(entry))
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(0), [])

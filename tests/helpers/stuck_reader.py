@@ -32,18 +32,12 @@ class ParentOfWorker(ShardedSamples):
         return image, os.getppid(), bad
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def main(root: str, workers: int) -> dict:
     import torch
 
     from pipeline.config import DataConfig
     from pipeline.data import loaders
+    from tests.helpers.procs import alive
 
     cfg = DataConfig(root=root, image_size=16, batch_size=8, num_workers=workers, worker_timeout_s=2)
     # the forkserver starts once per process (about 3 s here): started by a good loader first,
@@ -61,9 +55,9 @@ def main(root: str, workers: int) -> dict:
     pids = [int(p) for p in message.split("worker processes [")[1].split("]")[0].split(", ")]
     del it
     deadline = time.monotonic() + 30  # the DataLoader's own shutdown ends its workers
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return {"error": message, "seconds": seconds, "pids": pids, "left": [p for p in pids if _alive(p)]}
+    return {"error": message, "seconds": seconds, "pids": pids, "left": [p for p in pids if alive(p)]}
 
 
 if __name__ == "__main__":
