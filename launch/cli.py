@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launch.signals import Terminated, bounded_exit
 from pipeline.config import ConfigError, absolutize, check_tracking_uri, load_config
+from pipeline.errors import PrunepipeError
 
 # models:/NAME@ALIAS or models:/NAME/VERSION: checked here, before MLflow is asked
 _MODEL_URI = re.compile(r"models:/[^/@]+(@[^/@]+|/[0-9]+)")
@@ -24,13 +25,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. prune.prune_ratio=0.4")
 
 
+def _read(args: argparse.Namespace):
+    """The config file with its overrides, validated against the core schema, paths absolute."""
+    return absolutize(load_config(args.config, args.overrides))
+
+
 def _load(args: argparse.Namespace, for_search: bool = False):
-    """The validated config: the core schema, then what only the recipe knows (method names and
-    options; for a search, every method and scope it may draw), so a bad ``prune.method`` or
-    option stops here, before any work."""
+    """The config, also checked for what only the recipe knows (method names and options; for a
+    search, every method and scope it may draw), so a bad ``prune.method`` or option stops here,
+    before any work. ``prune`` leaves this to ``run_trial``, which checks every trial it runs."""
     from launch.checks import check_config
 
-    return check_config(absolutize(load_config(args.config, args.overrides)), for_search=for_search)
+    return check_config(_read(args), for_search=for_search)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -64,12 +70,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from launch.recipe import run_trial
+    from pipeline.distributed import is_main_process
 
-    cfg = _load(args)
-    final = run_trial(cfg, restart=args.restart)
-    from pipeline.distributed import init_distributed
-
-    if init_distributed().is_main:
+    final = run_trial(_read(args), restart=args.restart)  # checks the config before any work
+    if is_main_process():
         print(f"pruned model: {final['model_dir']}  top-1 {final['val_top1']:.4f}  "
               f"MACs -{final['macs_reduction']:.1%}  {final['img_s']:.0f} img/s ({final['speedup']:.2f}x)")
     return 0
@@ -249,7 +253,7 @@ def _log_bench(args: argparse.Namespace, table: str, plot: Path | None) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX with a dynamic batch, checked against PyTorch, timed in ONNX Runtime against dense;
     for a ``models:/`` URI also logged to the version's run and its numbers set as version tags."""
-    from pipeline.export import ExportError, export_and_time
+    from pipeline.export import export_and_time
     from pipeline.models import build_model
 
     if not args.tolerance > 0:
@@ -260,12 +264,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         else Path(args.model).resolve().name
     out = Path(args.out) / f"{name}.onnx"
     dense = build_model(spec["arch"], int(spec["num_classes"]))
-    try:
-        report = export_and_time(model, dense, size, out, tolerance=args.tolerance, batch_size=args.batch_size,
-                                 rounds=args.rounds, threads=args.threads)
-    except ExportError as err:
-        print(f"prunepipe: error: {err}", file=sys.stderr)
-        return 1
+    report = export_and_time(model, dense, size, out, tolerance=args.tolerance, batch_size=args.batch_size,
+                             rounds=args.rounds, threads=args.threads)  # ExportError: exit 1, one line
     print(report.summary())
     if args.model.startswith("models:/"):
         from mlflow.tracking import MlflowClient
@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("prune", help="run one pruning trial (standalone or under torchrun)",
-                       description="Prune, fine-tune, measure and register one model. Runs the same under "
+                       description="Prune, measure and fine-tune one model; save it (spec + safetensors) in "
+                       "output_dir/model and log the trial as an MLflow run (registry.enabled). Registering a "
+                       "version is the search's: `prunepipe search` registers its winner. Runs the same under "
                        "`torchrun --nproc_per_node=N -m launch.cli prune ...`.")
     _add_config_args(p)
     p.add_argument("--restart", action="store_true", help="discard the checkpoint and results of an earlier run "
@@ -420,12 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from pipeline.data.convert import DatasetError
     from pipeline.distributed import shutdown_distributed
-    from pipeline.models import WeightsError
-    from pipeline.spec import SpecError
 
-    user_errors: tuple[type[Exception], ...] = (ConfigError, DatasetError, SpecError, WeightsError)
     try:
         with bounded_exit():
             code = args.func(args)
@@ -436,16 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"prunepipe: terminated (SIGTERM) during `{args.command}`", file=sys.stderr)
         return 143
-    except Exception as err:
-        # the registry's errors, without importing MLflow here: a trial with registry.enabled=false
-        # must run where MLflow is not installed, and only the registry module raises them
-        registry = sys.modules.get("pipeline.registry")
-        if registry is not None:
-            user_errors += (registry.RegistryError,)
-        if not isinstance(err, user_errors):
-            raise
+    except PrunepipeError as err:
         print(f"prunepipe: error: {err}", file=sys.stderr)
-        code = 2
+        code = err.exit_code
     # Only on a clean or user-error exit: with an unexpected error a collective may still be in
     # flight, where destroying the group can block; torchrun tears that job down anyway.
     shutdown_distributed()

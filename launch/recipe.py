@@ -38,7 +38,8 @@ from launch.outputs import (
 from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
 from methods import Method, SelectContext
 from pipeline.config import Config, ConfigError, config_to_dict, format_error
-from pipeline.data.loaders import Loader, build_loader, calibration_set
+from pipeline.data.contract import BatchLoader
+from pipeline.data.loaders import build_loader, calibration_set
 from pipeline.distributed import (
     DistInfo,
     assert_same_on_all_ranks,
@@ -48,6 +49,7 @@ from pipeline.distributed import (
     init_distributed,
 )
 from pipeline.engine import (
+    TrainPhase,
     amp_dtype,
     evaluate,
     load_checkpoint,
@@ -55,7 +57,6 @@ from pipeline.engine import (
     recalibrate_bn,
     round_to_warning,
     save_checkpoint,
-    train_phase,
     use_channels_last,
 )
 from pipeline.measure import compare
@@ -77,11 +78,10 @@ def _print_report(info: DistInfo) -> Reporter:
     return report
 
 
-def report_bad_samples(loader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:
+def report_bad_samples(loader: BatchLoader, info: DistInfo, out: Path, log: _TrialLog | None = None, shown: int = 10) -> int:
     """Gather the bad samples every rank skipped since the last call; rank 0 prints the first
     few, appends all of them to ``out/bad_samples.tsv`` and logs that file to MLflow."""
-    errors = getattr(loader, "errors", None)
-    mine = errors.take() if errors is not None else []
+    mine = loader.errors.take()
     records = [r for rank_records in gather_to_main(mine, info) for r in rank_records]
     if not records or not info.is_main:
         return len(records)
@@ -108,8 +108,8 @@ class Trial:
     info: DistInfo
     report: Reporter
     log: _TrialLog
-    train_loader: Loader
-    val_loader: Loader
+    train_loader: BatchLoader
+    val_loader: BatchLoader
     model: nn.Module
     dense: nn.Module
     groups: list[ChannelGroup]
@@ -136,17 +136,24 @@ class Trial:
         report_bad_samples(self.val_loader, self.info, self.out, self.log)
         return metrics
 
-    def train(self, epochs: range, total: int, on_epoch, optimizer_state, desc: str, method: Method | None) -> None:
-        """Train ``self.model`` over ``epochs`` on the configured backend; bad samples reported per epoch."""
+    def phase(self, name: str, first_epoch: int, total_epochs: int, optimizer_state: dict[str, Any] | None,
+              method: Method | None = None) -> TrainPhase:
+        """The optimizer, schedule and backend of phase ``name`` ("prune" or "finetune"), with
+        that phase's own settings (``train.prune_phase`` for the pruning phase)."""
+        return TrainPhase(self.model, self.cfg.train.for_phase(name), self.info, self.train_loader,
+                          self.cfg.data.batch_size, total_epochs, first_epoch=first_epoch, method=method,
+                          optimizer_state=optimizer_state, desc=name)
 
-        def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
-            report_bad_samples(self.train_loader, self.info, self.out, self.log)
-            on_epoch(epoch, backend, stats)
+    def epoch_done(self, net: nn.Module, stats: dict[str, float]) -> dict[str, float]:
+        """After a training epoch: the bad samples it skipped reported, its stats and ``net``'s evaluation."""
+        report_bad_samples(self.train_loader, self.info, self.out, self.log)
+        return {**stats, **self.evaluate(net)}
 
-        # the pruning phase may run its own optimizer settings (train.prune_phase)
-        self.model = train_phase(self.model, epochs, total, self.cfg.train.for_phase(desc), self.info, self.train_loader,
-                                 self.cfg.data.batch_size, after_epoch, method=method,
-                                 optimizer_state=optimizer_state, desc=desc)
+    def checkpoint(self, phase: str, epoch: int, net: nn.Module, optimizer: dict[str, Any], **extra: Any) -> None:
+        """Rank 0 writes where a restarted trial resumes: phase ``phase`` after ``epoch`` epochs."""
+        save_checkpoint(self.checkpoint_path, {"phase": phase, "epoch": epoch, "model": net.state_dict(),
+                                               "optimizer": optimizer, "fingerprint": fingerprint_json(self.cfg),
+                                               **extra}, self.info)
 
 
 @dataclass
@@ -190,11 +197,9 @@ class Resume:
 
 
 # --- the phases ---------------------------------------------------------------------------------
-def setup(cfg: Config, report: Reporter | None, run_name: str | None) -> Trial:
-    """Process group, loaders, model, channel groups, the method, the MLflow run."""
+def setup(cfg: Config, info: DistInfo, report: Reporter | None, run_name: str | None) -> Trial:
+    """Loaders, model, channel groups, the method, the MLflow run (``cfg`` checked, the process group joined)."""
     t_start, started_at = time.perf_counter(), time.time()
-    check_config(cfg)
-    info = init_distributed()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     size = cfg.data.image_size
     train_loader = build_loader(cfg.data, "train", info.rank, info.world, info.device, cfg.seed)
@@ -230,21 +235,15 @@ def prune(trial: Trial, resume: Resume) -> None:
         method.on_train_start(model, steps_per_epoch=optimizer_steps(len(trial.train_loader), trial.cfg.train.grad_accum),
                               epochs=trial.prune_epochs)
     first = resume.first_epoch("prune")
-    if not trial.prune_epochs or first >= trial.prune_epochs:
+    if first >= trial.prune_epochs:
         return
-
-    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
-        metrics = {"epoch": epoch + 1, "phase": "prune", **stats, **trial.evaluate(backend.module)}
-        trial.log.metrics(metrics, step=epoch + 1)
-        trial.report(metrics)
-        save_checkpoint(trial.checkpoint_path, {"phase": "prune", "epoch": epoch + 1,
-                                                "model": backend.module.state_dict(),
-                                                "optimizer": backend.state_dict(), "method": method.state(),
-                                                "fingerprint": fingerprint_json(trial.cfg)},
-                        trial.info)
-
-    trial.train(range(first, trial.prune_epochs), trial.prune_epochs, after_epoch, resume.optimizer_state("prune"),
-                "prune", method)
+    with trial.phase("prune", first, trial.prune_epochs, resume.optimizer_state("prune"), method) as phase:
+        for epoch in range(first, trial.prune_epochs):
+            metrics = {"epoch": epoch + 1, "phase": "prune", **trial.epoch_done(phase.module, phase.train_epoch(epoch))}
+            trial.log.metrics(metrics, step=epoch + 1)
+            trial.report(metrics)
+            trial.checkpoint("prune", epoch + 1, phase.module, phase.state_dict(), method=method.state())
+    trial.model = phase.module
 
 
 def cut(trial: Trial) -> None:
@@ -300,26 +299,20 @@ def finetune(trial: Trial, resume: Resume) -> None:
     first = resume.first_epoch("finetune")
     if first >= trial.ft_epochs:
         return
-
-    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
-        metrics = {"epoch": trial.prune_epochs + epoch + 1, "phase": "finetune", **stats,
-                   **trial.evaluate(backend.module), **trial.summary}
-        trial.log.metrics({k: v for k, v in metrics.items() if not k.startswith(("dense_", "pruned_"))},
-                          step=metrics["epoch"])
-        trial.last_metrics.update(metrics)
-        if epoch + 1 < trial.ft_epochs:
-            # the last epoch is reported after the model is saved: a scheduler that stops the
-            # trial on that report must not lose the model
-            trial.report(metrics)
-        save_checkpoint(trial.checkpoint_path, {"phase": "finetune", "epoch": epoch + 1,
-                                                "model": backend.module.state_dict(),
-                                                "optimizer": backend.state_dict(), "spec": json.dumps(spec),
-                                                "summary": json.dumps(trial.summary),
-                                                "fingerprint": fingerprint_json(trial.cfg)},
-                        trial.info)
-
-    trial.train(range(first, trial.ft_epochs), trial.ft_epochs, after_epoch, resume.optimizer_state("finetune"),
-                "finetune", None)
+    with trial.phase("finetune", first, trial.ft_epochs, resume.optimizer_state("finetune")) as phase:
+        for epoch in range(first, trial.ft_epochs):
+            metrics = {"epoch": trial.prune_epochs + epoch + 1, "phase": "finetune",
+                       **trial.epoch_done(phase.module, phase.train_epoch(epoch)), **trial.summary}
+            trial.log.metrics({k: v for k, v in metrics.items() if not k.startswith(("dense_", "pruned_"))},
+                              step=metrics["epoch"])
+            trial.last_metrics.update(metrics)
+            if epoch + 1 < trial.ft_epochs:
+                # the last epoch is reported after the model is saved (:func:`save`): a scheduler
+                # that stops the trial on that report must not lose the model
+                trial.report(metrics)
+            trial.checkpoint("finetune", epoch + 1, phase.module, phase.state_dict(), spec=json.dumps(spec),
+                             summary=json.dumps(trial.summary))
+    trial.model = phase.module
 
 
 def save(trial: Trial) -> dict[str, Any]:
@@ -358,10 +351,11 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
               restart: bool = False) -> dict[str, Any]:
     """Prune one model as ``cfg`` says; returns the final metrics (the same on every rank).
     ``restart`` discards an earlier run's checkpoint in ``output_dir`` instead of resuming it."""
-    check_config(cfg)
-    prepare_output(cfg, init_distributed(), restart)
+    check_config(cfg)  # the boundary: the CLI, a Ray worker and a test all come through here
+    info = init_distributed()
+    prepare_output(cfg, info, restart)
     resume = Resume.read(Path(cfg.output_dir) / CHECKPOINT, cfg)  # other settings: ConfigError
-    trial = setup(cfg, report, run_name)
+    trial = setup(cfg, info, report, run_name)
     try:
         if resume.phase == "finetune":
             resume.restore_cut(trial)
@@ -392,7 +386,8 @@ def baseline_path(cfg: Config) -> Path:
 
 
 def run_pretrain(cfg: Config, report: Reporter | None = None) -> Path:
-    """Train the dense model for ``baseline.epochs`` so every trial starts from the same weights."""
+    """Train the dense model for ``baseline.epochs`` so every trial starts from the same weights
+    (``cfg`` checked by the caller: the CLI, or the search before its trials)."""
     from safetensors.torch import save_file
 
     info = init_distributed()
@@ -402,13 +397,14 @@ def run_pretrain(cfg: Config, report: Reporter | None = None) -> Path:
     val_loader = build_loader(cfg.data, "val", info.rank, info.world, info.device, cfg.seed)
     model = build_model(cfg.model.arch, train_loader.num_classes, cfg.model.weights).to(info.device)
     train_b = cfg.train.model_copy(update={"lr": cfg.baseline.lr, "warmup_epochs": cfg.baseline.warmup_epochs})
-
-    def after_epoch(epoch: int, backend, stats: dict[str, float]) -> None:
-        report({"epoch": epoch + 1, "phase": "baseline", **stats,
-                **evaluate(backend.module, val_loader, info, amp_dtype(cfg.train.amp, info.device))})
-
-    model = train_phase(model, range(cfg.baseline.epochs), cfg.baseline.epochs, train_b, info, train_loader,
-                        cfg.data.batch_size, after_epoch, desc="baseline")
+    amp = amp_dtype(cfg.train.amp, info.device)
+    with TrainPhase(model, train_b, info, train_loader, cfg.data.batch_size, cfg.baseline.epochs,
+                    desc="baseline") as phase:
+        for epoch in range(cfg.baseline.epochs):
+            stats = phase.train_epoch(epoch)
+            report({"epoch": epoch + 1, "phase": "baseline", **stats,
+                    **evaluate(phase.module, val_loader, info, amp)})
+    model = phase.module
     path = baseline_path(cfg)
     if info.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

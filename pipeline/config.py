@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from pipeline.errors import PrunepipeError
 from pipeline.textfiles import read_text_file
 
 ARCHS = (
@@ -39,7 +40,7 @@ ARCHS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(PrunepipeError, ValueError):
     """A config problem, with a one-line message that names the offending key."""
 
 

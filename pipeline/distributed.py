@@ -54,6 +54,11 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the joined process group, or a process outside any group (asks, joins nothing)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def shutdown_distributed() -> None:
     """Destroy the process group this process created, before the interpreter exits.
 

@@ -1,6 +1,6 @@
-"""The training engine: one epoch of training through a backend (DDP or DeepSpeed), a phase of
-epochs with its optimizer and schedule, evaluation, atomic checkpoints. No trainer framework: the
-recipe calls these in order.
+"""The training engine: a phase's optimizer, schedule and backend (DDP or DeepSpeed), one epoch
+of training through it, evaluation, atomic checkpoints. No trainer framework and no callbacks:
+the recipe owns each phase's epoch loop and evaluates, logs and checkpoints inline in it.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.backends import TrainingBackend, make_backend
+from pipeline.data.contract import BatchLoader
 from pipeline.data.errors import BadDataError
 from pipeline.distributed import DistInfo, all_reduce_sum, control_group
 from pipeline.progress import progress
@@ -23,7 +24,6 @@ from pipeline.textfiles import write_atomically
 
 if TYPE_CHECKING:
     from pipeline.config import TrainConfig
-    from pipeline.data.loaders import Loader
 
 
 class TrainHooks(Protocol):
@@ -148,59 +148,94 @@ def optimizer_steps(batches: int, grad_accum: int) -> int:
     return math.ceil(batches / grad_accum)
 
 
-def train_phase(
-    model: nn.Module,
-    epochs: range,
-    total_epochs: int,
-    train: TrainConfig,
-    info: DistInfo,
-    loader: Loader,
-    micro_batch: int,
-    on_epoch: Callable[[int, TrainingBackend, dict[str, float]], None],
-    method: TrainHooks | None = None,
-    optimizer_state: dict[str, Any] | None = None,
-    desc: str = "train",
-) -> nn.Module:
-    """Train ``epochs`` (a range, so a resumed phase starts mid-way) on ``train.backend``, with
-    ``micro_batch`` the loader's batch size per rank; after each epoch run the method's
-    ``on_epoch_end`` and then ``on_epoch(epoch, backend, stats)``. The same SGD groups and schedule
-    (:func:`lr_schedule`) on every backend; ``train`` is the phase's own settings
-    (``TrainConfig.for_phase``); ``optimizer_state`` (from :meth:`TrainingBackend.state_dict`)
-    resumes one, and the schedule is fast-forwarded to the first epoch of ``epochs``.
-    Returns the trained plain module, released by the backend.
+class TrainPhase:
+    """One phase of training (a pruning phase, a fine-tune, the dense baseline): its optimizer,
+    schedule and backend, for the recipe's own epoch loop::
+
+        with TrainPhase(model, cfg.train.for_phase("finetune"), info, loader, batch, epochs) as phase:
+            for epoch in range(first, epochs):
+                stats = phase.train_epoch(epoch)
+                ...  # evaluate phase.module, log, checkpoint phase.state_dict()
+        model = phase.module
+
+    The same SGD groups and schedule (:func:`lr_schedule`) on every backend. ``train`` is the
+    phase's own settings (``TrainConfig.for_phase``), ``micro_batch`` the loader's batch size per
+    rank, ``total_epochs`` the phase's length (the schedule spans it). ``optimizer_state`` (from
+    :meth:`state_dict`) resumes a phase; the schedule is then fast-forwarded to ``first_epoch``.
+    ``method`` is the pruning method's training hooks, or None.
     """
-    cl = use_channels_last(train.channels_last, info.device)
-    amp = amp_dtype(train.amp, info.device)
-    sgd = {"momentum": train.momentum, "nesterov": train.nesterov, "weight_decay": train.weight_decay}
-    if method is not None:
-        sgd.update(method.optimizer_overrides())
-    model = model.to(info.device)
-    opt = make_optimizer(model, train.lr, lr_scales=method.lr_scales(model) if method is not None else None, **sgd)
-    per_epoch = optimizer_steps(max(1, len(loader)), train.grad_accum)
-    sched = lr_schedule(opt, train, per_epoch, total_epochs)
-    backend = make_backend(train, info, micro_batch, amp, cl)
-    # the engine, not the backend, steps the schedule: after the method's post-step hook, so a
-    # proximal step (ISTA) sees the learning rate of the step it follows
-    backend.wrap(model, opt, None)
-    if optimizer_state is not None:
-        backend.load_state_dict(optimizer_state)
-    fast_forward(sched, epochs.start * per_epoch)
-    for epoch in epochs:
-        loader.set_epoch(epoch)
-        stats = train_epoch(backend, loader, info, method=method, amp=amp, label_smoothing=train.label_smoothing,
-                            channels_last=cl, grad_accum=train.grad_accum, desc=f"{desc} {epoch + 1}/{total_epochs}",
-                            scheduler=sched)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TrainConfig,
+        info: DistInfo,
+        loader: BatchLoader,
+        micro_batch: int,
+        total_epochs: int,
+        first_epoch: int = 0,
+        method: TrainHooks | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+        desc: str = "train",
+    ) -> None:
+        self.train, self.info, self.loader, self.method = train, info, loader, method
+        self.total_epochs, self.desc = total_epochs, desc
+        self.channels_last = use_channels_last(train.channels_last, info.device)
+        self.amp = amp_dtype(train.amp, info.device)
+        sgd = {"momentum": train.momentum, "nesterov": train.nesterov, "weight_decay": train.weight_decay}
         if method is not None:
-            method.on_epoch_end(backend.module, epoch)
-            backend.params_edited()
-        on_epoch(epoch, backend, stats)
-    backend.close()
-    return backend.module
+            sgd.update(method.optimizer_overrides())
+        model = model.to(info.device)
+        opt = make_optimizer(model, train.lr, lr_scales=method.lr_scales(model) if method is not None else None, **sgd)
+        per_epoch = optimizer_steps(max(1, len(loader)), train.grad_accum)
+        self.scheduler = lr_schedule(opt, train, per_epoch, total_epochs)
+        self.backend = make_backend(train, info, micro_batch, self.amp, self.channels_last)
+        # the engine, not the backend, steps the schedule: after the method's post-step hook, so a
+        # proximal step (ISTA) sees the learning rate of the step it follows
+        self.backend.wrap(model, opt, None)
+        if optimizer_state is not None:
+            self.backend.load_state_dict(optimizer_state)
+        fast_forward(self.scheduler, first_epoch * per_epoch)
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain model being trained (not the backend's wrapper): evaluate and save this."""
+        return self.backend.module
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Epoch ``epoch`` (0-based) of the phase, then the method's ``on_epoch_end``; its stats."""
+        self.loader.set_epoch(epoch)
+        stats = train_epoch(self.backend, self.loader, self.info, method=self.method, amp=self.amp,
+                            label_smoothing=self.train.label_smoothing, channels_last=self.channels_last,
+                            grad_accum=self.train.grad_accum, desc=f"{self.desc} {epoch + 1}/{self.total_epochs}",
+                            scheduler=self.scheduler)
+        if self.method is not None:
+            self.method.on_epoch_end(self.backend.module, epoch)
+            self.backend.params_edited()
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer (and schedule) state to checkpoint; ``optimizer_state`` resumes it."""
+        return self.backend.state_dict()
+
+    def close(self) -> nn.Module:
+        """Release the backend; the trained plain module."""
+        self.backend.close()
+        return self.backend.module
+
+    def __enter__(self) -> TrainPhase:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # only on success: after a failure a backend's teardown (DeepSpeed's destroy) may wait on
+        # ranks that are gone; the process is ending anyway
+        if exc_type is None:
+            self.close()
 
 
 def train_epoch(
     backend: TrainingBackend,
-    loader: Loader,
+    loader: BatchLoader,
     info: DistInfo,
     method: TrainHooks | None = None,
     amp: torch.dtype | None = None,
@@ -225,8 +260,7 @@ def train_epoch(
     stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss sum, correct, count
     expected = len(loader)
     _check_equal_steps(expected, info)
-    errors = getattr(loader, "errors", None)
-    bad_before = errors.total if errors is not None else 0
+    bad_before = loader.errors.total
     bar = progress(show=info.is_main, total=expected, desc=desc, leave=False, dynamic_ncols=True)
     steps = 0
     started = time.perf_counter()
@@ -257,7 +291,7 @@ def train_epoch(
     backend.sync_buffers()
     local_samples = stats[2].item()  # one host sync per epoch, after the last step
     img_s_per_worker = local_samples / max(1e-9, time.perf_counter() - started)
-    bad = torch.tensor([(errors.total if errors is not None else 0) - bad_before], dtype=torch.float64,
+    bad = torch.tensor([loader.errors.total - bad_before], dtype=torch.float64,
                        device=info.device)
     all_reduce_sum(stats, info)
     all_reduce_sum(bad, info)
@@ -265,7 +299,7 @@ def train_epoch(
     if steps < expected and info.is_main:
         print(f"[prunepipe] warning: {desc}: the epoch ended after {steps} of {expected} batches: a reader ran "
               "short of what the manifest declares (bad samples or a truncated shard)", flush=True)
-    _check_bad_fraction(int(bad.item()), int(stats[2].item()), loader)
+    _check_bad_fraction(int(bad.item()), int(stats[2].item()), loader.max_bad_fraction)
     # rank 0's own rate: what one worker (GPU) trains, loading and stepping included
     return {"train_loss": stats[0].item() / count, "train_top1": stats[1].item() / count, "steps": steps,
             "bad_samples": int(bad.item()), "train_img_s_per_worker": img_s_per_worker}
@@ -319,9 +353,8 @@ def lockstep(batches: Iterable, info: DistInfo) -> Iterator:
         yield batch
 
 
-def _check_bad_fraction(bad: int, good: int, loader: Any) -> None:
+def _check_bad_fraction(bad: int, good: int, limit: float | None) -> None:
     """Skipping a few bad files is fine; skipping a large part of an epoch is a broken dataset."""
-    limit = getattr(loader, "max_bad_fraction", None)
     if limit is None or bad == 0:
         return
     fraction = bad / max(1, bad + good)
@@ -343,7 +376,7 @@ def _check_equal_steps(steps: int, info: DistInfo) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: Loader, info: DistInfo, amp: torch.dtype | None = None, channels_last: bool = False
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], info: DistInfo, amp: torch.dtype | None = None, channels_last: bool = False
 ) -> dict[str, float]:
     """Top-1, top-5 and loss over the whole split (each rank evaluates its share; all-reduced).
     As in :func:`train_epoch`, the sums stay on the device until the end: no per-batch sync."""

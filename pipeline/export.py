@@ -17,11 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import PrunepipeError
+
 OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(PrunepipeError, RuntimeError):
     """An export whose file does not reproduce the PyTorch model, or cannot be written."""
+
+    exit_code = 1  # the run failed; the input was not refused
 
 
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:

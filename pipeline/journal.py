@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PrunepipeError
+
 JOURNAL = "journal.jsonl"
 VERSION = 1
 
 
-class JournalError(RuntimeError):
+class JournalError(PrunepipeError, RuntimeError):
     """A journal that cannot be opened for writing (locked by another process too long, unwritable)."""
 
 

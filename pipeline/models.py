@@ -10,13 +10,14 @@ import torchvision
 from torch import nn
 
 from pipeline.config import ARCHS, ConfigError
+from pipeline.errors import PrunepipeError
 
 # ImageNet-21k has 21,841 classes; a class count far beyond that is a doctored manifest or spec,
 # and its classifier alone would take gigabytes (2048 x 1e9 floats).
 MAX_CLASSES = 100_000
 
 
-class WeightsError(ValueError):
+class WeightsError(PrunepipeError, ValueError):
     """A weights file that is missing, unsafe or does not fit the model."""
 
 

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import RegistryConfig
+from pipeline.errors import PrunepipeError
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # metrics copied onto a registered version as tags, so `promote` and users see them there
@@ -39,7 +40,7 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-class RegistryError(RuntimeError):
+class RegistryError(PrunepipeError, RuntimeError):
     """A registry lookup or action that cannot be done (unknown model, missing alias...)."""
 
 

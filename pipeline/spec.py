@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.config import ARCHS
+from pipeline.errors import PrunepipeError
 from pipeline.models import MAX_CLASSES, build_model, read_safetensors
 from pipeline.textfiles import read_text_file, write_atomically
 
@@ -27,7 +28,7 @@ MAX_SPEC_BYTES = 4 << 20  # a ResNet-152 spec is about 60 KB
 IMAGE_SIZES = (8, 1024)  # data.image_size's bounds: a spec cannot ask `show` for more
 
 
-class SpecError(ValueError):
+class SpecError(PrunepipeError, ValueError):
     """A pruned-model folder that is missing a file or whose spec does not validate."""
 
 

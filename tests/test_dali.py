@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.data.contract import BatchLoader
 from pipeline.data.convert import write_manifest
 from pipeline.data.errors import BadDataError, parse_label
 from pipeline.data.manifest import DatasetError, read_manifest
@@ -162,6 +163,7 @@ def test_contract_types_and_channels_last(small):
         assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert images.is_contiguous() != channels_last
         assert ld.num_classes == 10 and ld.errors.total == 0
+        assert isinstance(ld, BatchLoader) and ld.max_bad_fraction == cfg(root).max_bad_fraction
         assert not list(ld._tmp.rglob("*.idx"))  # index files go once DALI has parsed them
         ld.close()
         assert not ld._tmp.exists()

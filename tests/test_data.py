@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
+from pipeline.data.contract import BatchLoader
 from pipeline.data.convert import DatasetError, read_manifest, write_synthetic
 from pipeline.data.loaders import ShardedSamples, build_loader
 
@@ -96,3 +97,19 @@ def test_training_readers_yield_equal_counts_without_repeats(tmp_path, per_shard
     assert per_rank[0] == per_rank[1]  # the same number of optimizer steps on every rank
     assert len(seen) == len(set(seen))  # nothing repeated
     assert 203 - len(seen) <= 3  # only the remainder is dropped (fewer than the 4 readers)
+
+
+@pytest.mark.parametrize("backend", ["webdataset", "synthetic"])
+def test_every_backend_keeps_the_loader_contract(digits_root, backend):
+    cfg = DataConfig(root=str(digits_root), backend=backend, image_size=16, batch_size=32, num_workers=0,
+                     max_bad_fraction=0.25, synthetic_samples=96, synthetic_classes=10)
+    loader = build_loader(cfg, "train", 0, 1, torch.device("cpu"))
+    assert isinstance(loader, BatchLoader)
+    assert loader.num_classes == 10 and loader.errors.total == 0
+    # the engine's bad-sample limit travels with a loader that can skip samples
+    assert loader.max_bad_fraction == (0.25 if backend == "webdataset" else None)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == len(loader) > 0
+    images, labels = batches[0]
+    assert images.shape[1:] == (3, 16, 16) and labels.dtype == torch.int64

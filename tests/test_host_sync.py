@@ -11,10 +11,10 @@ import torch
 import torchvision
 
 from methods import get_method_class, method_names
-from pipeline.data.loaders import Loader
 from pipeline.distributed import DistInfo
 from pipeline.engine import evaluate, train_epoch
 from pipeline.surgery import find_groups
+from tests.helpers.factories import ListLoader
 
 CPU = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 # every way a tensor's value is copied to the host as Python data
@@ -35,10 +35,8 @@ def host_reads(monkeypatch):
     return calls
 
 
-def _loader(steps: int) -> Loader:
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(steps)]
-    return Loader(None, steps, CPU.device, 10, synthetic=lambda: iter(batches))
+def _loader(steps: int) -> ListLoader:
+    return ListLoader(steps, batch=4, size=16, classes=10)
 
 
 def _model_and_method(name: str | None):

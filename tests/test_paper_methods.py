@@ -1,6 +1,6 @@
-"""The papers' schedules and settings (issue 10): the engine's step schedule and its resume, the
-pruning phase's own optimizer settings, ISTA's cost weights / ρ stages / step learning rate,
-SFP's authors' scope, lossvar's round_to and its seeded calibration draw."""
+"""The papers' schedules and settings: the schedule settings' validation, the pruning phase's own
+optimizer settings, ISTA's cost weights / ρ stages / step learning rate, SFP's authors' scope,
+lossvar's round_to and its seeded calibration draw. The engine's schedules: tests/test_engine.py."""
 
 import math
 
@@ -14,8 +14,6 @@ from methods.sfp import shortcut_convs
 from pipeline.config import ConfigError, DataConfig, build_config
 from pipeline.data.loaders import ShardedSamples, _draw_calibration, _transforms, calibration_set
 from pipeline.data.manifest import read_manifest
-from pipeline.distributed import DistInfo
-from pipeline.engine import fast_forward, lr_schedule, train_phase
 from pipeline.surgery import find_groups, macs_after, macs_profile
 from tests.lifecycle import calib
 
@@ -24,45 +22,6 @@ CPU = torch.device("cpu")
 
 def _train(**kw):
     return build_config({"train": kw}).train
-
-
-# --- the engine's schedules -----------------------------------------------------------------------
-def _lrs(train, per_epoch, epochs, skip=0):
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=train.lr)
-    sched = lr_schedule(opt, train, per_epoch, epochs)
-    fast_forward(sched, skip)
-    out = []
-    for _ in range(per_epoch * epochs - skip):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    return out
-
-
-def test_step_schedule_drops_by_gamma_at_each_milestone_epoch():
-    t = _train(lr=0.1, schedule="step", milestones=[2, 4], gamma=0.1)
-    lrs = _lrs(t, per_epoch=3, epochs=5)
-    want = [0.1] * 6 + [0.01] * 6 + [0.001] * 3  # epochs 0-1, 2-3, 4
-    assert lrs == pytest.approx(want)
-
-
-def test_step_schedule_restarts_every_cycle_and_warms_up():
-    t = _train(lr=1.0, schedule="step", milestones=[1], gamma=0.5, cycle_epochs=2, warmup_epochs=1)
-    lrs = _lrs(t, per_epoch=2, epochs=4)
-    assert lrs[:2] == pytest.approx([0.5, 1.0])  # linear warm-up over the first epoch's 2 steps
-    assert lrs[2:] == pytest.approx([0.5, 0.5, 1.0, 1.0, 0.5, 0.5])  # epoch 1 stepped; epoch 2 restarts
-
-
-def test_cosine_schedule_is_unchanged_default():
-    t = _train(lr=1.0)
-    lrs = _lrs(t, per_epoch=2, epochs=2)
-    assert lrs == pytest.approx([0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
-
-
-def test_fast_forward_gives_the_same_learning_rates_as_running():
-    t = _train(lr=0.1, schedule="step", milestones=[1, 3], gamma=0.2)
-    full = _lrs(t, per_epoch=4, epochs=4)
-    assert _lrs(t, per_epoch=4, epochs=4, skip=6) == pytest.approx(full[6:])
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -89,61 +48,6 @@ def test_pruning_phase_settings_override_only_the_pruning_phase():
     assert (f.lr, f.weight_decay, f.milestones, f.cycle_epochs) == (1e-4, 1e-4, [10], None)
     cos = _train(schedule="step", milestones=[3], prune_phase={"schedule": "cosine"}).for_phase("prune")
     assert cos.schedule == "cosine" and cos.milestones == []
-
-
-# --- the engine's order: hook before schedule, and resume ----------------------------------------
-class _Loader:
-    def __init__(self, n=3):
-        g = torch.Generator().manual_seed(0)
-        self.batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(n)]
-
-    def __len__(self):
-        return len(self.batches)
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _RecordLr:
-    """A method that records the learning rate its post-step hook sees."""
-
-    def __init__(self):
-        self.seen = []
-
-    def loss_term(self, model):
-        return None
-
-    def after_step(self, model, optimizer):
-        self.seen.append(optimizer.param_groups[0]["lr"])
-
-    def on_epoch_end(self, model, epoch):
-        pass
-
-    def optimizer_overrides(self):
-        return {}
-
-    def lr_scales(self, model):
-        return {}
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3))
-
-
-def test_after_step_sees_the_steps_own_lr_and_resume_fast_forwards():
-    t = _train(lr=1.0, schedule="step", milestones=[1, 2], gamma=0.1, amp="off", channels_last="off")
-    info = DistInfo(0, 1, 0, CPU)
-    full = _RecordLr()
-    train_phase(_net(), range(0, 3), 3, t, info, _Loader(), 4, lambda *a: None, method=full)
-    assert full.seen == pytest.approx([1.0] * 3 + [0.1] * 3 + [0.01] * 3)  # the step's own lr, not the next
-    resumed = _RecordLr()
-    train_phase(_net(), range(2, 3), 3, t, info, _Loader(), 4, lambda *a: None, method=resumed)
-    assert resumed.seen == pytest.approx(full.seen[6:])
 
 
 # --- ISTA ---------------------------------------------------------------------------------------

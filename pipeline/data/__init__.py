@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Loader": "pipeline.data.loaders",
+    "BatchLoader": "pipeline.data.contract",
     "build_loader": "pipeline.data.loaders",
     "read_manifest": "pipeline.data.manifest",
     "DatasetError": "pipeline.data.manifest",

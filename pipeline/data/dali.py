@@ -168,6 +168,7 @@ class DaliLoader:
         self.num_classes: int = manifest["num_classes"]
         self.mean, self.std = manifest["mean"], manifest["std"]
         self.errors = BadSampleLog(policy=cfg.on_error)
+        self.max_bad_fraction: float | None = cfg.max_bad_fraction  # the engine stops an epoch that skips more
         self.trace: list[tuple[str, str]] | None = None  # set to [] to collect (shard, key) of every yielded sample
         self._tmp = Path(tempfile.mkdtemp(prefix=f"prunepipe-dali-{split}-r{rank}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, True)  # at close, collection or exit

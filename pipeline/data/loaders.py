@@ -47,9 +47,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
 from pipeline.config import DataConfig
+from pipeline.data.contract import BatchLoader
 from pipeline.data.errors import BadSample, BadSampleLog, parse_label
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import IndexEntry, index_path, iter_members, read_index, scan_tar
+from pipeline.errors import PrunepipeError
 
 # Below this many shards per reader, splitting by shard balances badly: split by sample.
 _MIN_SHARDS_PER_SLOT = 4
@@ -214,41 +216,35 @@ def _collate(items: list[tuple[torch.Tensor | None, int | None, BadSample | None
     return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good], dtype=torch.int64), bad
 
 
-class Loader:
-    """Iterator of device-resident ``(images, labels)`` batches with a known length."""
+class WebDatasetLoader:
+    """The ``webdataset`` backend: a PyTorch ``DataLoader`` over :class:`ShardedSamples`, its
+    batches moved to ``device`` (pinned memory and non-blocking copies on a GPU). Keeps the
+    :class:`~pipeline.data.contract.BatchLoader` contract."""
 
     def __init__(
         self,
-        dataloader: DataLoader | None,
-        length: int,
+        dataloader: DataLoader,
+        dataset: ShardedSamples,
         device: torch.device,
-        num_classes: int,
-        dataset=None,
-        synthetic=None,
-        errors: BadSampleLog | None = None,
+        errors: BadSampleLog,
+        max_bad_fraction: float | None,
         channels_last: bool = False,
         name: str = "",
     ) -> None:
-        self._dl, self._len, self.device = dataloader, length, device
-        self.num_classes = num_classes
-        self._dataset = dataset
-        self._synthetic = synthetic
-        self.errors = errors or BadSampleLog()
-        self.channels_last = channels_last
-        self.name = name
+        self._dl, self._dataset, self.device = dataloader, dataset, device
+        self.num_classes: int = dataset.num_classes
+        self.errors, self.max_bad_fraction = errors, max_bad_fraction
+        self.channels_last, self.name = channels_last, name
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        if self._dataset is not None:
-            self._dataset.epoch = epoch
-            self._len = self._dataset.rank_batches(self._dl.batch_size)
+        self._dataset.epoch = epoch
+        self._len = self._dataset.rank_batches(self._dl.batch_size)
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._synthetic is not None:
-            yield from self._synthetic()
-            return
         non_blocking = self.device.type == "cuda"  # pinned host memory: the copy overlaps compute
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for images, labels, bad in self._host_batches():
@@ -295,8 +291,10 @@ class Loader:
                 f"worker processes {pids} are printed above")
 
 
-class DataStallError(RuntimeError):
+class DataStallError(PrunepipeError, RuntimeError):
     """A DataLoader worker handed over no batch within ``data.worker_timeout_s``."""
+
+    exit_code = 1  # the run failed; the input was not refused
 
 
 def _worker_context(start: str) -> multiprocessing.context.BaseContext:
@@ -320,28 +318,22 @@ def _worker_init(worker_id: int) -> None:
 
 def build_loader(
     cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int = 0, channels_last: bool = False
-) -> Loader:
-    """The loader of ``split`` ("train" or "val") for this rank.
-
-    Every backend returns the same contract: an iterable of device-resident ``(images, labels)``
-    with ``len()`` (batches this epoch), ``set_epoch(e)``, ``num_classes`` and ``errors`` (the
-    rank's :class:`BadSampleLog`). ``channels_last`` asks for images in that memory format.
-    """
+) -> BatchLoader:
+    """The loader of ``split`` ("train" or "val") for this rank, of the backend ``cfg`` names;
+    every backend keeps the :class:`~pipeline.data.contract.BatchLoader` contract.
+    ``channels_last`` asks for images in that memory format."""
     if cfg.backend == "synthetic":
-        loader = _synthetic_loader(cfg, world, device, seed + rank, channels_last)
-    elif cfg.backend == "dali":
+        return SyntheticLoader(cfg, world, device, seed + rank, channels_last)
+    if cfg.backend == "dali":
         from pipeline.data.dali import build_dali_loader  # optional dependency: imported only when asked for
 
-        loader = build_dali_loader(cfg, split, rank, world, device, seed=seed, channels_last=channels_last)
-    else:
-        loader = _webdataset_loader(cfg, split, rank, world, device, seed, channels_last)
-    loader.max_bad_fraction = cfg.max_bad_fraction  # the engine stops an epoch that skips more
-    return loader
+        return build_dali_loader(cfg, split, rank, world, device, seed=seed, channels_last=channels_last)
+    return _webdataset_loader(cfg, split, rank, world, device, seed, channels_last)
 
 
 def _webdataset_loader(
     cfg: DataConfig, split: str, rank: int, world: int, device: torch.device, seed: int, channels_last: bool
-) -> Loader:
+) -> WebDatasetLoader:
     train = split == "train"
     root = Path(cfg.root)
     manifest = read_manifest(root)
@@ -371,10 +363,7 @@ def _webdataset_loader(
         worker_init_fn=_worker_init,
         multiprocessing_context=_worker_context(cfg.worker_start) if cfg.num_workers > 0 else None,
     )
-    loader = Loader(dl, 0, device, manifest["num_classes"], dataset=dataset, errors=errors, channels_last=channels_last,
-                    name=split)
-    loader.set_epoch(0)
-    return loader
+    return WebDatasetLoader(dl, dataset, device, errors, cfg.max_bad_fraction, channels_last=channels_last, name=split)
 
 
 def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog) -> None:
@@ -385,21 +374,32 @@ def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog) -> None
             errors.record(shard["path"], "(tail)", f"{shard.get('problem') or 'truncated'}", count=lost)
 
 
-def _synthetic_loader(cfg: DataConfig, world: int, device: torch.device, seed: int,
-                      channels_last: bool = False) -> Loader:
-    steps = max(1, cfg.synthetic_samples // (cfg.batch_size * world))
-    # drawn on the device itself: a CPU draw of a 256×3×224² batch takes longer than a GPU's
-    # training step, and would make a training-rate benchmark measure the random generator
-    gen = torch.Generator(device=device).manual_seed(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+class SyntheticLoader:
+    """The ``synthetic`` backend: random batches drawn on the device itself, for benchmarks
+    without I/O (a CPU draw of a 256×3×224² batch takes longer than a GPU's training step, and a
+    training-rate benchmark would measure the random generator). Never has a bad sample."""
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _ in range(steps):
-            x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen, device=device)
-            y = torch.randint(0, cfg.synthetic_classes, (cfg.batch_size,), generator=gen, device=device)
-            yield x.contiguous(memory_format=fmt), y
+    max_bad_fraction = None
 
-    return Loader(None, steps, device, cfg.synthetic_classes, synthetic=batches, channels_last=channels_last)
+    def __init__(self, cfg: DataConfig, world: int, device: torch.device, seed: int, channels_last: bool = False) -> None:
+        self._cfg, self.device, self._fmt = cfg, device, torch.channels_last if channels_last else torch.contiguous_format
+        self._steps = max(1, cfg.synthetic_samples // (cfg.batch_size * world))
+        self._gen = torch.Generator(device=device).manual_seed(seed)
+        self.num_classes: int = cfg.synthetic_classes
+        self.errors = BadSampleLog()
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # every epoch draws fresh batches of the same count
+
+    def __len__(self) -> int:
+        return self._steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        c = self._cfg
+        for _ in range(self._steps):
+            x = torch.randn(c.batch_size, 3, c.image_size, c.image_size, generator=self._gen, device=self.device)
+            y = torch.randint(0, c.synthetic_classes, (c.batch_size,), generator=self._gen, device=self.device)
+            yield x.contiguous(memory_format=self._fmt), y
 
 
 def calibration_set(

@@ -20,12 +20,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.shards import ShardError, index_path, read_index, scan_tar
+from pipeline.errors import PrunepipeError
 
 MANIFEST = "dataset.json"
 _MAX_MANIFEST_BYTES = 256 << 20  # ImageNet's manifest is ~0.2 MB; anything near this is not a manifest
 
 
-class DatasetError(ValueError):
+class DatasetError(PrunepipeError, ValueError):
     """A dataset folder that is missing, incomplete or inconsistent (one line, naming it)."""
 
 

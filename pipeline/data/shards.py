@@ -21,12 +21,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import PrunepipeError
 from pipeline.textfiles import write_atomically
 
 INDEX_VERSION = "v1.2"
 
 
-class ShardError(ValueError):
+class ShardError(PrunepipeError, ValueError):
     """A shard or index file that cannot be read as what it claims to be."""
 
 

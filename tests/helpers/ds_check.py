@@ -16,7 +16,7 @@ from pipeline.backends import make_backend  # noqa: E402
 from pipeline.config import DataConfig, TrainConfig  # noqa: E402
 from pipeline.data.loaders import build_loader  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
-from pipeline.engine import make_optimizer, train_phase  # noqa: E402
+from pipeline.engine import TrainPhase, make_optimizer  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
 
 STEPS, EPOCHS, BATCH, SIZE = 2, 4, 16, 16
@@ -29,6 +29,7 @@ class Capped:
 
     def __init__(self, loader, n):
         self.loader, self.n, self.num_classes = loader, n, loader.num_classes
+        self.errors, self.max_bad_fraction = loader.errors, loader.max_bad_fraction
 
     def set_epoch(self, epoch):
         self.loader.set_epoch(epoch)
@@ -64,16 +65,14 @@ def run(info, root, name, method=None, epochs=range(EPOCHS), optimizer_state=Non
         if epochs.start == 0:
             method.on_train_start(model, steps_per_epoch=STEPS, epochs=EPOCHS)
     losses = []
-
-    def on_epoch(epoch, backend, stats):
-        losses.append(stats["train_loss"])
-        if capture is not None and epoch == capture["epoch"]:
-            capture["model"] = {k: v.clone() for k, v in backend.module.state_dict().items()}
-            capture["optimizer"] = backend.state_dict()
-
-    model = train_phase(model, epochs, EPOCHS, tc, info, loader, BATCH, on_epoch, method=method,
-                        optimizer_state=optimizer_state)
-    return losses, _flat(model)
+    with TrainPhase(model, tc, info, loader, BATCH, EPOCHS, first_epoch=epochs.start, method=method,
+                    optimizer_state=optimizer_state) as phase:
+        for epoch in epochs:
+            losses.append(phase.train_epoch(epoch)["train_loss"])
+            if capture is not None and epoch == capture["epoch"]:
+                capture["model"] = {k: v.clone() for k, v in phase.module.state_dict().items()}
+                capture["optimizer"] = phase.state_dict()
+    return losses, _flat(phase.module)
 
 
 def hooks_survive_a_step(info, method_name, options):
