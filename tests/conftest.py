@@ -6,6 +6,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"  # the embedded default config: the base of most tests' configs
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
 # every process the tests start talks over loopback only: gloo (DDP, DeepSpeed on CPU) binds the
@@ -13,6 +14,15 @@ os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 torch.set_num_threads(2)
+
+RESOURCE_MARKERS = ("multiprocess", "ray", "server")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs a resource is slow too: ``-m "not slow"`` stays the quick loop."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in RESOURCE_MARKERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@
 import copy
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from methods.autopruner import ACTIVE, FROZEN, IDLE, AutoPrunerGate
 from pipeline.measure import count_macs
 from pipeline.surgery import apply_masks, find_groups, prune_model
 from tests.conftest import ROOT
-from tests.helpers.procs import run_tree
+from tests.helpers.procs import torchrun
 from tests.lifecycle import calib
 
 
@@ -191,13 +189,10 @@ def test_gate_removal_and_surgery_preserve_the_gated_logits():
 
 # --- every method × mode under 2-rank DDP -----------------------------------------------------
 def _torchrun(*args, timeout=900):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "helpers" / "method_modes_check.py"), *args]
-    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=env)
+    return torchrun(str(ROOT / "tests" / "helpers" / "method_modes_check.py"), *args, cwd=ROOT, timeout=timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_method_and_mode_trains_under_ddp(tmp_path, tiny_synthetic):
     from tests.helpers.method_modes_check import modes
 
@@ -210,7 +205,7 @@ def test_every_method_and_mode_trains_under_ddp(tmp_path, tiny_synthetic):
     assert all(result.values()), result
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 # every training-aware method killed mid-pruning; l1 (one-shot) killed mid-fine-tune
 @pytest.mark.parametrize("name", [n for n in method_names() if get_method_class(n).training_aware] + ["l1"])
 def test_resumed_mid_pruning_ends_like_an_uninterrupted_run(tmp_path, tiny_synthetic, name):

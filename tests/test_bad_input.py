@@ -28,10 +28,9 @@ from launch.outputs import CHECKPOINT, check_fingerprint, fingerprint, fingerpri
 from pipeline.config import ConfigError, load_config
 from pipeline.distributed import DistInfo
 from pipeline.models import WeightsError, build_model, read_state_dict
-from tests.conftest import ROOT
+from tests.conftest import DEMO, ROOT
 
 CORPUS = ROOT / "tests" / "bad_inputs"
-DEMO = ROOT / "configs" / "demo.yaml"
 SOLO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 

@@ -16,7 +16,7 @@ from tests.test_pyfunc import _pruned_resnet18
 sys.path.insert(0, str(ROOT / "scripts"))
 import browser_check  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.server,
               pytest.mark.skipif(browser_check.find_chromium() is None,
                                  reason="Chromium is not installed (Debian: apt-get install chromium)")]
 
@@ -29,7 +29,7 @@ def test_browser_check_sees_a_readable_store(tmp_path, digits_root):
     folder = _pruned_resnet18(tmp_path / "model")
     with mlflow.start_run(run_name="search demo") as parent:
         pass
-    with mlflow.start_run(run_name=registry.run_name("l1", 0.5, None, "abc_00000"),
+    with mlflow.start_run(run_name=registry.run_name("l1", "r0.50", "abc_00000"),
                           parent_run_id=parent.info.run_id) as run:
         manifest = read_manifest(digits_root, verify=False)
         registry.log_dataset(digits_root, "train", manifest)

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import stat
 import subprocess
 import sys
@@ -24,7 +23,8 @@ import yaml
 
 from launch.cli import main as cli_main
 from pipeline.config import load_config
-from tests.conftest import ROOT
+from tests.conftest import DEMO, ROOT
+from tests.helpers.procs import free_port
 
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 HOSTFILE = ROOT / "launch" / "hostfile.example"
@@ -32,12 +32,6 @@ RAY_CLUSTER = ROOT / "launch" / "ray-cluster.yaml"
 RAYJOB = ROOT / "launch" / "kuberay-rayjob.yaml"
 DOCS = ROOT / "docs" / "cluster.md"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -69,7 +63,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, s
 # --- torchrun: two nodes against one rendezvous ---------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_nodes_train_the_same_weights_as_one_node(tmp_path, digits_root):
     """2 nodes x 1 rank and 1 node x 2 ranks, same global batch, N steps: identical weights.
 
@@ -192,7 +186,7 @@ def test_slurm_script_rejects_bad_inputs_in_one_line(tmp_path, env_update, args,
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_slurm_script_runs_a_trial_on_two_nodes(tmp_path, digits_root):
     """The batch script itself, two 'nodes' on loopback: one torchrun each, one prune trial."""
     port = free_port()
@@ -237,7 +231,7 @@ def test_cli_accepts_the_deepspeed_launchers_local_rank(tmp_path, monkeypatch):
     assert os.environ["LOCAL_RANK"] == "0"  # the launcher's environment wins
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_deepspeed_launcher_runs_the_cli_on_two_nodes(tmp_path, digits_root):
     """The deepspeed launcher, one per "node" (--no_ssh --node_rank: no pdsh/ssh here), runs
     `--module launch.cli prune` as one 2-rank job; the launcher adds --local_rank to the CLI."""
@@ -245,7 +239,7 @@ def test_deepspeed_launcher_runs_the_cli_on_two_nodes(tmp_path, digits_root):
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port, out = free_port(), tmp_path / "run"
     cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "--module", "launch.cli", "prune", str(ROOT / "configs" / "demo.yaml"),
+           f"--master_port={port}", "--module", "launch.cli", "prune", str(DEMO),
            f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32", f"output_dir={out}",
            "prune.method=l1", "train.budget_epochs=1", "train.bn_recalib_batches=2", "measure.rounds=2", "measure.attempts=1",
            "measure.warmup=1", "registry.enabled=false"]
@@ -409,7 +403,7 @@ def test_kuberay_rayjob_is_a_valid_rayjob_running_an_existing_config():
 def test_placement_strategy_is_validated_at_the_boundary():
     from pipeline.config import ConfigError
 
-    demo = ROOT / "configs" / "demo.yaml"
+    demo = DEMO
     assert load_config(demo).search.placement_strategy == "PACK"  # one node first: NVLink all-reduce
     assert load_config(demo, ["search.placement_strategy=SPREAD"]).search.placement_strategy == "SPREAD"
     with pytest.raises(ConfigError, match=r"^search\.placement_strategy = 'spread': allowed values are"):

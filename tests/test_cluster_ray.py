@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_cluster import BIN, free_port, run_env
+from tests.conftest import DEMO, ROOT
+from tests.helpers.procs import free_port
+from tests.test_cluster import BIN, run_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def pg_bindir() -> Path | None:
@@ -200,7 +201,7 @@ def test_search_on_a_two_node_ray_cluster_with_an_mlflow_server(tmp_path, tiny_s
 
     env = cluster_env(RAY_ADDRESS=services["ray"])
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "search", str(ROOT / "configs" / "demo.yaml"), f"data.root={tiny_synthetic}",
+        [sys.executable, "-m", "launch.cli", "search", str(DEMO), f"data.root={tiny_synthetic}",
          "data.image_size=16", "data.batch_size=8", f"output_dir={tmp_path / 'out'}", "baseline.epochs=0",
          # trials long enough (3 epochs of 6 steps) that two running at once overlap in time even on
          # a quiet machine: 1-epoch trials finished before the second one's run had started

@@ -5,9 +5,7 @@ import pytest
 
 from launch.checks import check_config
 from pipeline.config import ConfigError, build_config, load_config, parse_override
-from tests.conftest import ROOT
-
-DEMO = ROOT / "configs" / "demo.yaml"
+from tests.conftest import DEMO, ROOT
 
 
 def test_shipped_configs_validate():

@@ -362,7 +362,7 @@ def test_dali_device_gpu_without_gpu(small):
         build_dali_loader(cfg(small[0], dali_device="gpu"), "val", 0, 1, CPU)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path, small):
     """torchrun, 2 ranks over gloo: evaluate over the DALI val loader equals one process; a
     sample quarantined by one rank in epoch 0 is excluded by both in epoch 1, chunks disjoint."""

@@ -1,23 +1,19 @@
 """Real multi-process DDP over gloo, launched by torchrun."""
 
 import json
-import os
 import re
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.helpers.procs import run_tree
+from tests.conftest import DEMO, ROOT
+from tests.helpers.procs import torchrun
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 
 def _torchrun(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=env)
+    return torchrun(*args, cwd=ROOT, timeout=timeout)
 
 
 def test_two_rank_ddp_keeps_ranks_identical(tmp_path, digits_root):
@@ -69,7 +65,7 @@ def test_two_rank_ddp_keeps_ranks_identical(tmp_path, digits_root):
 def test_prune_under_torchrun_registers_and_resumes(tmp_path, digits_root):
     db = tmp_path / "mlflow.db"
     common = [
-        "-m", "launch.cli", "prune", str(ROOT / "configs" / "demo.yaml"),
+        "-m", "launch.cli", "prune", str(DEMO),
         f"data.root={digits_root}", "data.image_size=16", "data.batch_size=32", f"output_dir={tmp_path / 'run'}",
         "prune.method=sfp", "prune.epochs=1", "prune.prune_ratio=0.5", "measure.rounds=4",
         f"registry.tracking_uri=sqlite:///{db}", "registry.experiment=t",

@@ -4,7 +4,6 @@ ZeRO-2, checkpoints, and the recipe under torchrun, the deepspeed launcher and R
 import json
 import os
 import re
-import socket
 import sys
 
 import pytest
@@ -13,8 +12,8 @@ import torch
 from pipeline.backends import BACKENDS, backend_names
 from pipeline.backends.deepspeed_config import build, derive, merge
 from pipeline.config import TrainConfig
-from tests.conftest import ROOT
-from tests.helpers.procs import run_tree
+from tests.conftest import DEMO, ROOT
+from tests.helpers.procs import free_port, run_tree, torchrun
 
 # Measured (tests/helpers/ds_check.py, 2 gloo ranks, float32): ZeRO 0, 1 and 2 reproduce DDP's
 # losses and weights bit for bit (both all-reduce a sum and divide by the world size). With
@@ -57,26 +56,19 @@ def test_backend_registry_names_importable_classes():
         assert getattr(importlib.import_module(module), cls).name == name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
 
 
 def _torchrun(*args, timeout=900):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return run_tree(cmd, timeout=timeout, cwd=ROOT, env=_env())
+    return torchrun(*args, cwd=ROOT, timeout=timeout, DS_ACCELERATOR="cpu")
 
 
 def _close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= LOSS_RTOL * max(1.0, abs(x)) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_match_ddp_and_keep_hook_edits(tmp_path, digits_root):
     out = tmp_path / "ds.json"
     proc = _torchrun(str(ROOT / "tests" / "helpers" / "ds_check.py"), str(out), str(digits_root))
@@ -110,13 +102,13 @@ def test_two_ranks_match_ddp_and_keep_hook_edits(tmp_path, digits_root):
 
 
 def _prune_args(tmp_path, *extra):
-    return ["prune", str(ROOT / "configs" / "demo.yaml"), "data.backend=synthetic", "data.synthetic_samples=128",
+    return ["prune", str(DEMO), "data.backend=synthetic", "data.synthetic_samples=128",
             "data.batch_size=16", "data.image_size=16", f"output_dir={tmp_path / 'run'}", "prune.method=sfp",
             "prune.epochs=1", "prune.prune_ratio=0.5", "measure.rounds=2", "measure.warmup=1",
             "train.budget_epochs=null", "train.backend=deepspeed", "registry.enabled=false", *extra]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_prune_on_zero2_under_torchrun_resumes_without_ray_or_mlflow(tmp_path):
     helper = str(ROOT / "tests" / "helpers" / "no_tracking.py")
     # channels_last as on a GPU: DeepSpeed cannot flatten channels_last weights, the backend keeps them contiguous
@@ -131,10 +123,10 @@ def test_prune_on_zero2_under_torchrun_resumes_without_ray_or_mlflow(tmp_path):
     assert epochs == [3], second.stdout[-2000:]  # only fine-tune epoch 2 (global epoch 3) ran
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_prune_under_the_deepspeed_launcher(tmp_path):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-           "--master_port", str(_free_port()), "--no_local_rank", "--module", "launch.cli",
+           "--master_port", str(free_port()), "--no_local_rank", "--module", "launch.cli",
            *_prune_args(tmp_path, "train.zero_stage=1", "train.epochs=1")]
     proc = run_tree(cmd, timeout=900, cwd=ROOT, env=_env())
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
@@ -144,12 +136,12 @@ def test_prune_under_the_deepspeed_launcher(tmp_path):
     assert spec["metrics"]["steps"] == 4  # 128 samples / (16 x 2 ranks): both ranks trained
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_search_trial_on_deepspeed_in_ray_train(tmp_path):
     from pipeline.config import absolutize, load_config
     from tests.helpers.isolated import run_search_in_child
 
-    cfg = absolutize(load_config(ROOT / "configs" / "demo.yaml", [
+    cfg = absolutize(load_config(DEMO, [
         "data.backend=synthetic", "data.synthetic_samples=128", "data.batch_size=16", "data.image_size=16",
         f"output_dir={tmp_path / 'out'}", "baseline.epochs=0", "train.budget_epochs=null", "train.epochs=1",
         "prune.epochs=0", "measure.rounds=2", "measure.warmup=1", "search.grace_period=1",

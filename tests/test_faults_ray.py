@@ -28,11 +28,10 @@ from mlflow.tracking import MlflowClient
 from launch.outputs import CHECKPOINT
 from launch.resume import RESULT
 from pipeline.registry import TRIAL_TAG
-from tests.conftest import ROOT
+from tests.conftest import DEMO, ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
-DEMO = ROOT / "configs" / "demo.yaml"
 SAMPLES, BATCH, WORKERS = 256, 32, 2  # demo: 2 DDP workers per trial
 TINY = ("data.backend=synthetic", "data.image_size=16", f"data.synthetic_samples={SAMPLES}", f"data.batch_size={BATCH}",
         "train.budget_epochs=null", "prune.epochs=0", "train.bn_recalib_batches=0", "baseline.epochs=0",

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 from tests.helpers.known_eval import KNOWN_SPLIT, N_SAMPLES, expected_metrics
 from tests.helpers.procs import run_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from launch.cli import main
 from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.promote import promote
-from tests.conftest import ROOT
+from tests.conftest import DEMO
 from tests.test_registry import _logged_model, macs_timer
 
 
@@ -62,7 +62,7 @@ def test_promote_command_tolerance_boundary_and_slower_challenger(tmp_path, cham
     assert _champion(client) == champ
 
     # the tolerance (and the store) from a config: 0.0102 lets it through, then it is timed faster
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg = yaml.safe_load((DEMO).read_text())
     cfg["registry"].update(tracking_uri=uri, promote_tolerance=0.0102)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))

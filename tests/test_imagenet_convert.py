@@ -319,7 +319,7 @@ def test_cli_bad_arguments_one_line(tmp_path, capsys, case, message):
     assert not (tmp_path / "out" / "dataset.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("extra", [["--per-shard", "0"], []])
 def test_cli_entry_point_one_line_error(tmp_path, extra):
     src = _small(tmp_path / "src", labels=()).root
@@ -331,7 +331,7 @@ def test_cli_entry_point_one_line_error(tmp_path, extra):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("prunepipe: error: ")
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_worker_count_does_not_change_the_shards(mini, converted, tmp_path):
     _, out1 = converted
     _convert(mini.root, tmp_path / "out", per_shard=32, devkit=mini.devkit, workers=2)
@@ -342,7 +342,7 @@ def test_worker_count_does_not_change_the_shards(mini, converted, tmp_path):
             assert (out1 / split / name).read_bytes() == (tmp_path / "out" / split / name).read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_killed_conversion_resumes(mini, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "launch.cli", "data", "imagenet", "--src", str(mini.root), "--out", str(out),

@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from pipeline.data.imagenet import ConvertOptions, convert_imagenet
-from tests.conftest import ROOT
+from tests.conftest import DEMO, ROOT
 from tests.helpers.mini_imagenet import make_mini_imagenet
 from tests.helpers.procs import run_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_prune_trains_under_two_rank_ddp(converted, tmp_path, backend):
     _, out, _ = converted
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "launch.cli",
-           "prune", str(ROOT / "configs" / "demo.yaml"), f"data.root={out}", f"data.backend={backend}",
+           "prune", str(DEMO), f"data.root={out}", f"data.backend={backend}",
            "data.image_size=32", "data.augment=imagenet", "data.batch_size=16", "data.num_workers=1",
            "model.arch=resnet18", "model.weights=null", "prune.method=l1", "prune.prune_ratio=0.5",
            "train.budget_epochs=null", "train.epochs=2", "train.bn_recalib_batches=2", "measure.rounds=2",

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.helpers.procs import run_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 
 @pytest.mark.parametrize("mode", ["short", "fail"])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers.procs import alive, run_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.multiprocess
 
 HANG = textwrap.dedent("""
     import multiprocessing as mp, os, sys, time

@@ -3,7 +3,6 @@ over HTTP with the same logits as prunepipe's own loader (temporary SQLite store
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pipeline.config import RegistryConfig
 from pipeline.pyfunc_model import log_pyfunc
 from pipeline.spec import load_pruned, make_spec, save_pruned
 from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
+from tests.helpers.procs import free_port
 
 SIZE = 32
 
@@ -86,16 +86,10 @@ def test_pyfunc_by_alias_predicts_prunepipes_logits(registered, tmp_path):
         loaded.predict(np.zeros((2, 1, SIZE, SIZE), dtype=np.float32))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
+@pytest.mark.server
 def test_mlflow_models_serve_answers_over_http(registered):
     uri, folder, _ = registered
-    port = _free_port()
+    port = free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     # the server runs `uvicorn` by name: the virtual environment's bin folder must be on PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,

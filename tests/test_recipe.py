@@ -7,9 +7,7 @@ import pytest
 
 from launch import recipe
 from pipeline.config import absolutize, load_config
-from tests.conftest import ROOT
-
-DEMO = ROOT / "configs" / "demo.yaml"
+from tests.conftest import DEMO
 
 
 def _tiny(tmp_path, *extra: str):

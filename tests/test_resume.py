@@ -15,9 +15,7 @@ from launch import cli, resume
 from launch.recipe import baseline_path
 from launch.search_log import ConsoleView
 from pipeline.config import ConfigError, absolutize, load_config
-from tests.conftest import ROOT
-
-DEMO = ROOT / "configs" / "demo.yaml"
+from tests.conftest import DEMO
 
 
 @pytest.fixture(autouse=True)

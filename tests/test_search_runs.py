@@ -9,21 +9,25 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from launch import search_log
+from launch.model_card import build_card
+from methods import budget_knob
 from pipeline import registry
 from pipeline.config import RegistryConfig, absolutize, load_config
-from pipeline.model_card import build_card
-from tests.conftest import ROOT
+from tests.conftest import DEMO
 
 
 def _cfg(tmp_path, *extra):
-    return absolutize(load_config(ROOT / "configs" / "demo.yaml", [
+    return absolutize(load_config(DEMO, [
         f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "registry.experiment=runs", *extra]))
 
 
 def test_run_names_say_method_and_knob():
-    assert registry.run_name("l1", 0.4) == "l1 r0.40"
-    assert registry.run_name("lossvar", 0.5, 0.0234, "b5ee6_00001") == "lossvar δ0.0234 b5ee6_00001"
+    l1 = {"method": "l1", "prune_ratio": 0.4, "options": {}}
+    assert registry.run_name("l1", budget_knob("l1", l1).tag()) == "l1 r0.40"
+    lossvar = {"method": "lossvar", "prune_ratio": 0.5, "options": {"lossvar": {"delta": 0.0234}}}
+    assert registry.run_name("lossvar", budget_knob("lossvar", lossvar).tag(), "b5ee6_00001") == \
+        "lossvar δ0.0234 b5ee6_00001"
     base = {"prune": {"method": "l1", "prune_ratio": 0.5, "options": {}}}
     assert search_log.label({"__base__": base, "prune.method": "sfp", "prune.prune_ratio": 0.61}) == "sfp r0.61"
     # δ is drawn for every trial of the demo's space; only lossvar's label shows it
@@ -108,7 +112,7 @@ def test_model_card_holds_what_a_person_needs():
         build_card({"num_classes": 10})
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_real_search_registers_the_best_as_a_person_sees_it(tmp_path, digits_root, capfd):
     """Two trials, each a 2-worker Ray Train DDP job: the best registered, the results table, and
     what a person sees of it in MLflow and on the console."""

@@ -24,7 +24,8 @@ from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.journal import JOURNAL, Journal, read_journal, segments
 from tests.conftest import ROOT
-from tests.test_cluster import BIN, free_port
+from tests.helpers.procs import free_port
+from tests.test_cluster import BIN
 from tests.test_cluster_ray import http_ok, wait_for
 
 DEMO = ROOT / "configs" / "demo.yaml"

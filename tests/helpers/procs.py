@@ -2,19 +2,22 @@
 fails the test with every process's Python stack instead of a bare timeout, and leaves nothing
 behind.
 
-Why: ``subprocess.run(timeout=...)`` kills only the process it started. torchrun starts each rank
-in a session of its own, so a hung job's ranks and workers outlived the test on CI, and all the
-failure said was "timed out after 900 seconds" (CI of eb36a60). Here, on timeout, every process
-of the tree gets SIGABRT first: with ``PYTHONFAULTHANDLER=1`` in its environment (set below) a
-Python process prints each thread's stack to the stderr the test captures. Then whatever is left
-is killed.
+Why: ``subprocess.run(timeout=...)`` kills only the process it started, and torchrun starts each
+rank in a session of its own, so a hung job's ranks and workers would outlive the test and the
+failure would say only that it timed out. Here, on timeout, every process of the tree gets
+SIGABRT first: with ``PYTHONFAULTHANDLER=1`` in its environment (set below) a Python process
+prints each thread's stack to the stderr the test captures. Then whatever is left is killed.
+
+Also the launchers the multi-process tests share: :func:`torchrun` and :func:`free_port`.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +91,18 @@ def run_tree(cmd: list[str], timeout: float, env: dict[str, str] | None = None, 
             _signal_all([*descendants(proc.pid), *tree, proc.pid], signal.SIGKILL)
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (a rendezvous, a server under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path, timeout: float = 600, nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=NPROC ARGS`` through :func:`run_tree`, one CPU
+    thread per rank (equal arithmetic whatever the machine), the repository importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd), **env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return run_tree(cmd, timeout=timeout, cwd=cwd, env=env)
