@@ -18,17 +18,15 @@ from pipeline.data.loaders import build_loader, calibration_set  # noqa: E402
 from pipeline.distributed import assert_same_on_all_ranks, init_distributed  # noqa: E402
 from pipeline.engine import make_optimizer, train_epoch  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
+from tests.helpers.factories import LoaderView  # noqa: E402
 
 
-class _Counting:
+class _Counting(LoaderView):
     """A loader that counts the samples it hands out (what this rank really trained on)."""
 
     def __init__(self, loader) -> None:
-        self.loader, self.samples = loader, 0
-        self.errors = getattr(loader, "errors", None)
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        super().__init__(loader)
+        self.samples = 0
 
     def __iter__(self):
         for images, labels in self.loader:
@@ -36,11 +34,12 @@ class _Counting:
             yield images, labels
 
 
-class _First:
+class _First(LoaderView):
     """The first ``n`` batches of a loader, cycling when it holds fewer (the same count on every rank)."""
 
     def __init__(self, loader, n):
-        self.loader, self.n = loader, n
+        super().__init__(loader)
+        self.n = n
 
     def __len__(self):
         return self.n

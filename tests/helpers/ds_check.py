@@ -18,21 +18,19 @@ from pipeline.data.loaders import build_loader  # noqa: E402
 from pipeline.distributed import init_distributed  # noqa: E402
 from pipeline.engine import TrainPhase, make_optimizer  # noqa: E402
 from pipeline.surgery import find_groups  # noqa: E402
+from tests.helpers.factories import LoaderView  # noqa: E402
 
 STEPS, EPOCHS, BATCH, SIZE = 2, 4, 16, 16
 BACKENDS = {"ddp": {}, "z0": {"backend": "deepspeed", "zero_stage": 0},
             "z1": {"backend": "deepspeed", "zero_stage": 1}, "z2": {"backend": "deepspeed", "zero_stage": 2}}
 
 
-class Capped:
+class Capped(LoaderView):
     """The first ``n`` batches of each epoch of a loader (the same count on every rank)."""
 
     def __init__(self, loader, n):
-        self.loader, self.n, self.num_classes = loader, n, loader.num_classes
-        self.errors, self.max_bad_fraction = loader.errors, loader.max_bad_fraction
-
-    def set_epoch(self, epoch):
-        self.loader.set_epoch(epoch)
+        super().__init__(loader)
+        self.n = n
 
     def __len__(self):
         return self.n

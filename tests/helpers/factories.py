@@ -31,3 +31,23 @@ class ListLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.batches)
+
+
+class LoaderView:
+    """Base of a test's view of a real loader (the first ``n`` batches, a counting pass-through):
+    the contract's attributes and ``set_epoch`` are the wrapped loader's, so the engine sees the
+    same bad-sample log and limit through the view."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.num_classes = loader.num_classes
+        self.errors, self.max_bad_fraction = loader.errors, loader.max_bad_fraction
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)

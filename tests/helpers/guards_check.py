@@ -23,6 +23,7 @@ from pipeline.data.loaders import ShardedSamples, build_loader  # noqa: E402
 from pipeline.distributed import DistInfo, init_distributed, shutdown_distributed  # noqa: E402
 from pipeline.engine import _check_equal_steps, evaluate, recalibrate_bn, train_epoch  # noqa: E402
 from tests.helpers.ddp_check import ddp_backend  # noqa: E402
+from tests.helpers.factories import ListLoader  # noqa: E402
 from tests.helpers.known_eval import KNOWN_SPLIT, known_batches, known_model  # noqa: E402
 
 _KEY_BYTES = 48
@@ -85,21 +86,6 @@ def _evaluate_known(info: DistInfo) -> dict:
     return evaluate(known_model(), known_batches(lo, hi, batch=5 if info.rank == 0 else 4), info)
 
 
-class _Batches:
-    """``n`` small batches with a declared length (a loader of this rank's size)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(7)
-        for _ in range(self.n):
-            yield torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
-
-
 def _equal_steps(info: DistInfo) -> dict:
     out = {}
     try:
@@ -113,7 +99,7 @@ def _equal_steps(info: DistInfo) -> dict:
     net(torch.zeros(1, 3, 8, 8))  # materialise the lazy layer before DDP sees it
     backend = ddp_backend(net, info)
     try:
-        stats = train_epoch(backend, _Batches(2 + info.rank), info)
+        stats = train_epoch(backend, ListLoader(2 + info.rank, batch=4, size=8, classes=3, seed=7), info)
         out["unequal_epoch"] = f"no error: {stats['steps']} steps"
     except RuntimeError as err:
         out["unequal_epoch"] = str(err)
