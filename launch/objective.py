@@ -10,8 +10,6 @@ The Pareto front of (top-1, measured speed-up) over all finished trials is print
 
 from __future__ import annotations
 
-import copy
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,9 +17,9 @@ from typing import Any
 import torch
 
 from pipeline.config import Config, ObjectiveConfig
+from pipeline.measure import SPEED_KEYS, TimingConfig, time_models
 
 NOISY = "speed not reliably measured"  # the one violation a re-measurement on a quiet machine may lift
-SPEED_KEYS = ("img_s", "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable", "speedup_efficiency")
 
 
 def violations(row: dict[str, Any], obj: ObjectiveConfig) -> list[str]:
@@ -118,38 +116,31 @@ def remeasure(rows: list[dict[str, Any]], cfg: Config, timer=None) -> None:
     (``timer`` is injectable for tests). A row whose dense reference ran at another rate than in
     the other rows' measurements (:func:`drifted`) is measured once more, and flagged
     ``speed_reliable = 0`` if it still is."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.measure.threads or os.cpu_count() or 1)
-    try:
-        for r in rows:
-            _measure_alone(r, cfg, device, timer)
-        for r in drifted(rows, cfg.measure.max_drift):
-            _measure_alone(r, cfg, device, timer)  # the machine may have been slow only then
-        for r in drifted(rows, cfg.measure.max_drift):
-            r["speed_reliable"], r["speed_drifted"] = 0.0, True
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _measure_alone(r: dict[str, Any], cfg: Config, device: torch.device, timer) -> None:
     from pipeline.engine import amp_dtype, use_channels_last
-    from pipeline.measure import compare
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the same protocol, precision and memory format as the trials measured with (train.amp, channels_last)
+    protocol = TimingConfig.from_config(cfg.measure, device, amp_dtype(cfg.train.amp, device),
+                                        use_channels_last(cfg.train.channels_last, device))
+    for r in rows:
+        _measure_alone(r, protocol, cfg.data.image_size, timer)
+    for r in drifted(rows, cfg.measure.max_drift):
+        _measure_alone(r, protocol, cfg.data.image_size, timer)  # the machine may have been slow only then
+    for r in drifted(rows, cfg.measure.max_drift):
+        r["speed_reliable"], r["speed_drifted"] = 0.0, True
+
+
+def _measure_alone(r: dict[str, Any], protocol: TimingConfig, image_size: int, timer) -> None:
     from pipeline.models import build_model
     from pipeline.spec import load_pruned
 
     model, spec = load_pruned(r["model_dir"])
     dense = build_model(spec["arch"], int(spec["num_classes"]))  # speed does not depend on weights
-    size = int(spec.get("image_size", cfg.data.image_size))
-    # the same precision and memory format as the trial measured with (train.amp, channels_last)
-    m = compare(dense, copy.deepcopy(model), size,
-                batch_size=cfg.measure.batch_size, rounds=cfg.measure.rounds, warmup=cfg.measure.warmup,
-                max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts, device=device,
-                amp_dtype=amp_dtype(cfg.train.amp, device), channels_last=use_channels_last(cfg.train.channels_last, device),
-                fold_bn=cfg.measure.fold_bn, timer=timer, max_foreign_cpu=cfg.measure.max_foreign_cpu)
+    size = int(spec.get("image_size", image_size))
+    _, speed = time_models([dense, model], size, protocol, labels=("dense", str(r.get("trial", "pruned"))), timer=timer)
     if not r.get("remeasured"):
         r["trial_speedup"] = r.get("speedup")
-    r.update({k: m[k] for k in SPEED_KEYS})
+    r.update(speed.metrics(keys=SPEED_KEYS))
     r["speed_reference"] = f"{spec['arch']}/{spec['num_classes']}@{size}px"  # rows timed against the same dense
     r["remeasured"] = True
 

@@ -59,7 +59,7 @@ from pipeline.engine import (
     save_checkpoint,
     use_channels_last,
 )
-from pipeline.measure import compare
+from pipeline.measure import TimingConfig, compare
 from pipeline.models import build_model
 from pipeline.plots import width_plot
 from pipeline.spec import build_from_spec, make_spec, save_pruned
@@ -275,18 +275,11 @@ def measure(trial: Trial) -> None:
     cfg, info = trial.cfg, trial.info
     result = None
     if info.is_main:
-        threads = torch.get_num_threads()
-        # Ray pins a 1-CPU worker to one thread; timing uses the configured or all cores for both
-        torch.set_num_threads(cfg.measure.threads or os.cpu_count() or 1)
-        try:
-            result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size,
-                             batch_size=cfg.measure.batch_size, warmup=cfg.measure.warmup, rounds=cfg.measure.rounds,
-                             max_spread=cfg.measure.max_spread, attempts=cfg.measure.attempts,
-                             fold_bn=cfg.measure.fold_bn, max_foreign_cpu=cfg.measure.max_foreign_cpu,
-                             device=info.device, amp_dtype=amp_dtype(cfg.train.amp, info.device),
-                             channels_last=use_channels_last(cfg.train.channels_last, info.device))
-        finally:
-            torch.set_num_threads(threads)
+        # the protocol times both models with every core (or measure.threads), whatever a Ray
+        # worker's own thread count, in the precision and memory format the model trained with
+        protocol = TimingConfig.from_config(cfg.measure, info.device, amp_dtype(cfg.train.amp, info.device),
+                                            use_channels_last(cfg.train.channels_last, info.device))
+        result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size, protocol)
     barrier(info)
     trial.summary.update(broadcast_object(result, info))
     trial.report({"epoch": trial.prune_epochs, "phase": "cut", **trial.summary})

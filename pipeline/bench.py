@@ -9,45 +9,26 @@ at batch 1 the latency p50/p90 over all timed calls.
 
 from __future__ import annotations
 
-import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from pipeline.measure import ForeignCPU, count_macs, count_params, fold_batchnorm, interleaved_times, make_timer
+from pipeline.measure import PRECISIONS, SpeedResult, TimingConfig, prepare, time_models
 
 
 @dataclass
 class BenchModel:
     label: str
     model: nn.Module
-    macs: int = 0
+    macs: int = 0  # filled in by run_bench
     params: int = 0
 
 
-@dataclass
-class BenchRow:
-    label: str
-    batch: int
-    precision: str
-    channels_last: bool
-    compiled: bool
-    img_s: float
-    speedup: float
-    speedup_low: float
-    speedup_high: float
-    reliable: bool
-    macs_reduction: float
-    latency_p50_ms: float | None = None
-    latency_p90_ms: float | None = None
-    foreign_cpu: float = 0.0  # share of the CPUs other processes used while this setting was timed
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# A bench times many settings one after the other: each is measured once, and a noisy one is
+# flagged in the table rather than re-measured (the table is read as a whole, re-run alone).
+BENCH_PROTOCOL = TimingConfig(fold_bn=True, attempts=1)
 
 
 def run_bench(
@@ -57,61 +38,34 @@ def run_bench(
     precisions: list[str],
     channels_last: list[bool],
     compiled: list[bool],
-    rounds: int = 12,
-    per_round: int = 2,
-    warmup: int = 3,
-    max_spread: float = 0.10,
-    device: torch.device | str = "cpu",
-    fold_bn: bool = True,
+    protocol: TimingConfig = BENCH_PROTOCOL,
+    *,
     timer=None,
-) -> list[BenchRow]:
-    """Time every model in every setting; ``models[0]`` is the dense reference."""
-    device = torch.device(device)
+    **changes: Any,
+) -> list[SpeedResult]:
+    """Time every model in every setting; ``models[0]`` is the dense reference. A setting is
+    ``protocol`` (with ``changes`` to its fields) at one batch size, precision, memory format
+    and eager/compiled."""
+    protocol = protocol.replace(**changes)
     for p in precisions:
-        if p not in _PRECISIONS:
-            raise ValueError(f"precision {p!r}: allowed values are {', '.join(_PRECISIONS)}")
-    if device.type == "cpu" and "fp16" in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"precision {p!r}: allowed values are {', '.join(PRECISIONS)}")
+    if protocol.device.type == "cpu" and "fp16" in precisions:
         raise ValueError("precision fp16 needs a GPU; use fp32 or bf16 on a CPU")
-    for m in models:
-        m.macs, m.params = count_macs(m.model, image_size), count_params(m.model)
-    rows: list[BenchRow] = []
+    originals, labels = [m.model for m in models], [m.label for m in models]
+    rows: list[SpeedResult] = []
     for cl in channels_last:
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        prepared = [(fold_batchnorm(m.model) if fold_bn else m.model).to(device, memory_format=fmt) for m in models]
         for comp in compiled:
-            nets = [torch.compile(n) if comp else n for n in prepared]
+            # prepared (folded, compiled) once per memory format and mode, timed in every precision and batch
+            nets = prepare(originals, protocol.replace(channels_last=cl, compile=comp))
             for precision in precisions:
-                clock = timer or make_timer(device, _PRECISIONS[precision])
                 for batch in batch_sizes:
-                    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
-                    for n in nets:
-                        for _ in range(warmup):
-                            clock(n, x)
-                    probe = ForeignCPU()
-                    times = interleaved_times(nets, x, rounds, per_round, clock)
-                    # an injected clock does not run on the cores: no contention to check
-                    foreign = probe.fraction() if device.type == "cpu" and timer is None else 0.0
-                    rows += _rows(models, times, batch, precision, cl, comp, max_spread, foreign)
+                    setting = protocol.replace(batch_size=batch, amp_dtype=PRECISIONS[precision], channels_last=cl,
+                                               compile=comp)
+                    rows += time_models(originals, image_size, setting, labels=labels, timer=timer, prepared=nets)
+    for m, r in zip(models, rows[: len(models)], strict=False):  # the first setting's records
+        m.macs, m.params = r.macs, r.params
     return rows
-
-
-def _rows(models, times, batch, precision, cl, comp, max_spread, foreign: float = 0.0,
-          max_foreign: float = 0.15) -> list[BenchRow]:
-    out = []
-    dense_t = times[0]
-    for m, t in zip(models, times, strict=True):
-        ratios = [d / p for d, p in zip(dense_t, t, strict=True)]
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        mid = statistics.median(ratios)
-        row = BenchRow(m.label, batch, precision, cl, comp, batch / statistics.median(t), mid, q[0], q[2],
-                       reliable=(q[2] - q[0]) / mid <= max_spread and foreign <= max_foreign,
-                       macs_reduction=1 - m.macs / models[0].macs, foreign_cpu=foreign)
-        if batch == 1:
-            ordered = sorted(t)
-            row.latency_p50_ms = 1000 * statistics.median(ordered)
-            row.latency_p90_ms = 1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-        out.append(row)
-    return out
 
 
 def distinct_labels(sources: list[str]) -> list[str]:
@@ -126,7 +80,7 @@ def distinct_labels(sources: list[str]) -> list[str]:
     return list(sources)  # the same model given twice: as given
 
 
-def format_rows(rows: list[BenchRow]) -> str:
+def format_rows(rows: list[SpeedResult]) -> str:
     head = ("| model | batch | precision | channels_last | compiled | MACs red. | img/s | speed-up [IQR] | "
             "p50 ms | p90 ms |")
     lines = [head, "|" + "---|" * 10]
@@ -139,7 +93,7 @@ def format_rows(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_speedups(rows: list[BenchRow], path: str | Path) -> Path:
+def plot_speedups(rows: list[SpeedResult], path: str | Path) -> Path:
     """Measured speed-up against MACs reduction, one point per model and setting, with the
     MACs-ratio line (what a speed-up 'should' be) for reference."""
     from pipeline.plots import plt, save_figure  # plots selects the headless backend first

@@ -3,7 +3,7 @@
 The file has a dynamic batch axis (``images`` ``(batch, 3, S, S)`` → ``logits`` ``(batch,
 classes)``), is checked with ``onnx.checker`` and against PyTorch's logits on two batch sizes,
 and is timed against the dense base architecture exported the same way: ONNX Runtime's CPU
-provider, both sessions in one process, interleaved rounds (:func:`pipeline.measure.interleaved_speedup`).
+provider, both sessions in one process, interleaved rounds (:func:`pipeline.measure.time_models`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PrunepipeError
+from pipeline.measure import SpeedResult, TimingConfig, time_models
 
 OPSET = 17
 
@@ -83,35 +84,31 @@ class OrtModule(nn.Module):
         return torch.from_numpy(self.sess.run(["logits"], {"images": x.numpy()})[0])
 
 
-@dataclass
+# the speed figures a registered version is tagged with, as onnx_<key>
+ONNX_SPEED_KEYS = ("dense_img_s", "img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable")
+
+
+@dataclass(frozen=True)
 class OnnxReport:
     path: Path
     max_abs_error: float
-    dense_img_s: float
-    img_s: float
-    speedup: float
-    speedup_low: float
-    speedup_high: float
-    reliable: bool
+    speed: SpeedResult  # the exported model against the dense one, both in ONNX Runtime
 
     def metrics(self) -> dict[str, Any]:
-        return {"onnx_max_abs_error": self.max_abs_error, "onnx_dense_img_s": self.dense_img_s,
-                "onnx_img_s": self.img_s, "onnx_speedup": self.speedup, "onnx_speedup_low": self.speedup_low,
-                "onnx_speedup_high": self.speedup_high, "onnx_speed_reliable": int(self.reliable)}
+        return {"onnx_max_abs_error": self.max_abs_error, **self.speed.metrics("onnx_", ONNX_SPEED_KEYS)}
 
     def summary(self) -> str:
-        noisy = "" if self.reliable else "  (noisy: re-run alone)"
+        s = self.speed
+        noisy = "" if s.reliable else "  (noisy: re-run alone)"
         return (f"ONNX: {self.path}  max |Δlogit| vs PyTorch {self.max_abs_error:.2e}\n"
-                f"ONNX Runtime CPU: dense {self.dense_img_s:.0f} img/s, pruned {self.img_s:.0f} img/s, "
-                f"speed-up {self.speedup:.2f}x [{self.speedup_low:.2f}-{self.speedup_high:.2f}]{noisy}")
+                f"ONNX Runtime CPU: dense {s.dense_img_s:.0f} img/s, pruned {s.img_s:.0f} img/s, "
+                f"speed-up {s.speedup:.2f}x [{s.speedup_low:.2f}-{s.speedup_high:.2f}]{noisy}")
 
 
 def export_and_time(model: nn.Module, dense: nn.Module, image_size: int, out: str | Path, tolerance: float = 1e-3,
                     batch_size: int = 32, rounds: int = 12, threads: int | None = None) -> OnnxReport:
     """Export ``model`` to ``out``, check it within ``tolerance`` (absolute, on logits), and time
     it against ``dense`` (exported beside it as ``dense.onnx``) in ONNX Runtime on the CPU."""
-    from pipeline.measure import interleaved_speedup
-
     if not tolerance > 0:
         raise ValueError(f"tolerance = {tolerance}: must be > 0")
     out = Path(out)
@@ -120,6 +117,6 @@ def export_and_time(model: nn.Module, dense: nn.Module, image_size: int, out: st
     if not err <= tolerance:
         raise ExportError(f"{path}: ONNX logits differ from PyTorch's by {err:.3g} (> tolerance {tolerance:g})")
     dense_path = export_onnx(dense, image_size, out.with_name(f"{out.stem}.dense.onnx"))
-    s = interleaved_speedup(OrtModule(dense_path, threads), OrtModule(path, threads), image_size,
-                            batch_size=batch_size, rounds=rounds, device="cpu")
-    return OnnxReport(path, err, s.dense_img_s, s.img_s, s.speedup, s.low, s.high, s.reliable)
+    _, speed = time_models([OrtModule(dense_path, threads), OrtModule(path, threads)], image_size,
+                           TimingConfig(batch_size=batch_size, rounds=rounds), labels=("dense", "pruned"))
+    return OnnxReport(path, err, speed)

@@ -1,25 +1,32 @@
 """What a pruned model is worth: MACs, parameters and *measured* throughput.
 
 MACs count multiply-accumulates of convs and linears (the convention of the ResNet paper's
-"FLOPs": ResNet-50 = 4.1 G at 224²). Throughput is timed, never derived: dense and pruned are
-timed in many short interleaved rounds in one process, and the speed-up is the median of the
-per-round ratios with its interquartile range; a noisy result is re-measured and, if it stays
-noisy, flagged ``speed_reliable = 0`` rather than reported as a plain number.
+"FLOPs": ResNet-50 = 4.1 G at 224²). Throughput is timed, never derived: the dense model and
+pruned ones are timed in many short interleaved rounds in one process (:func:`time_models`,
+under one :class:`TimingConfig`), and each speed-up is the median of the per-round ratios with
+its interquartile range; a noisy result is re-measured and, if it stays noisy, flagged
+``speed_reliable = 0`` rather than reported as a plain number. Every caller gets the same
+record, :class:`SpeedResult`, and logs it through :meth:`SpeedResult.metrics`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.config import MeasureConfig
 
 
 def count_macs(model: nn.Module, image_size: int) -> int:
@@ -122,24 +129,142 @@ class ForeignCPU:
         return max(0.0, min(1.0, foreign / max(1e-9, wall * (os.cpu_count() or 1))))
 
 
-@dataclass
-class SpeedUp:
-    """Dense vs pruned timed in interleaved rounds; the speed-up is the median of per-round ratios."""
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How models are timed against each other: one object, so every measurement in a run (a
+    trial's cut, a finalist's re-measurement, a bench setting) follows the same protocol."""
+
+    batch_size: int = 64
+    rounds: int = 12  # interleaved rounds of the first attempt; each later attempt doubles them
+    per_round: int = 2  # calls per model per round; the round keeps their median
+    warmup: int = 3  # untimed calls per model before the first round
+    max_spread: float = 0.10  # a relative IQR of the per-round speed-ups above this is noisy
+    attempts: int = 2  # measurements tried before a noisy result is returned flagged unreliable
+    max_foreign_cpu: float = 0.15  # CPU runs: other processes' share of the cores that makes it unreliable
+    fold_bn: bool = False  # time inference copies with BatchNorm folded into the convs
+    device: torch.device = torch.device("cpu")
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None: float32
+    channels_last: bool = False
+    compile: bool = False  # torch.compile every model before timing
+    threads: int = 0  # torch CPU threads while timing; 0: leave the current setting
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))  # "cpu", "cuda:0" accepted
+        for name in ("batch_size", "rounds", "per_round", "attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)}: must be >= 1")
+        if self.amp_dtype not in PRECISIONS.values():
+            raise ValueError(f"amp_dtype {self.amp_dtype}: allowed values are None, torch.bfloat16, torch.float16")
+
+    @classmethod
+    def from_config(cls, measure: MeasureConfig, device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                    channels_last: bool = False) -> TimingConfig:
+        """The protocol of the config's ``measure`` section on ``device``, in the precision and
+        memory format the model trained with (both models are timed alike)."""
+        return cls(batch_size=measure.batch_size, rounds=measure.rounds, warmup=measure.warmup,
+                   max_spread=measure.max_spread, attempts=measure.attempts, max_foreign_cpu=measure.max_foreign_cpu,
+                   fold_bn=measure.fold_bn, device=torch.device(device), amp_dtype=amp_dtype,
+                   channels_last=channels_last,
+                   # 0 means every core: a Ray worker is pinned to one thread, and timing with
+                   # it would measure a machine nobody deploys on
+                   threads=measure.threads or os.cpu_count() or 1)
+
+    def replace(self, **changes: Any) -> TimingConfig:
+        """A copy with ``changes`` (field names; an unknown one is a TypeError)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def precision(self) -> str:
+        return next(name for name, dtype in PRECISIONS.items() if dtype == self.amp_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+# The figures a search row carries (and a re-measurement replaces), in the row's column order.
+SPEED_KEYS = ("img_s", "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable", "speedup_efficiency")
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """One model's measured speed beside the dense reference, timed in the same interleaved
+    rounds; the speed-up is the median of the per-round ratios (the reference's own is 1.0)."""
+
+    label: str
+    img_s: float  # batch / median seconds per batch
+    dense_img_s: float  # the reference's, in the same rounds
     speedup: float
-    low: float  # 25th percentile of the per-round speed-ups
-    high: float  # 75th percentile
-    dense_img_s: float
-    img_s: float
-    rounds: int
-    attempts: int
+    speedup_low: float  # 25th percentile of the per-round speed-ups
+    speedup_high: float  # 75th percentile
     reliable: bool
-    foreign_cpu: float = 0.0  # share of the CPUs other processes used while timing (CPU runs)
+    reason: str  # why it is not reliable; empty when it is
+    rounds: int  # of the attempt reported
+    attempts: int
+    foreign_cpu: float  # share of the CPUs other processes used while timing (CPU runs)
+    protocol: TimingConfig
+    macs: int = 0  # 0: unknown (a callable that hides its weights, e.g. an ONNX Runtime session)
+    params: int = 0
+    dense_macs: int = 0
+    dense_params: int = 0
+    latency_p50_ms: float | None = None  # batch 1 only: over the rounds' per-call medians
+    latency_p90_ms: float | None = None
 
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median: 0.05 = the middle half within ±2.5 %."""
-        return (self.high - self.low) / self.speedup if self.speedup > 0 else math.inf
+        return (self.speedup_high - self.speedup_low) / self.speedup if self.speedup > 0 else math.inf
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1 - self.macs / self.dense_macs
+
+    @property
+    def params_reduction(self) -> float:
+        return 1 - self.params / self.dense_params
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.dense_macs / self.macs
+
+    # the setting it was timed in (a bench times several)
+    @property
+    def batch(self) -> int:
+        return self.protocol.batch_size
+
+    @property
+    def precision(self) -> str:
+        return self.protocol.precision
+
+    @property
+    def channels_last(self) -> bool:
+        return self.protocol.channels_last
+
+    @property
+    def compiled(self) -> bool:
+        return self.protocol.compile
+
+    def metrics(self, prefix: str = "", keys: Iterable[str] | None = None) -> dict[str, float]:
+        """The record as the flat numbers runs log and versions are tagged with (every key, or
+        ``keys``), each name prefixed. ``speed_reliable`` is 1.0 or 0.0, a number, so MLflow
+        keeps it as a metric; when it is 0 the speed figures must not be read as plain numbers.
+        The size keys need the MACs and parameters of both models."""
+        every: dict[str, float] = {}
+        if self.macs and self.dense_macs:
+            every |= {"dense_macs": self.dense_macs, "macs": self.macs, "macs_reduction": self.macs_reduction,
+                      "dense_params": self.dense_params, "params": self.params,
+                      "params_reduction": self.params_reduction}
+        every |= {"dense_img_s": self.dense_img_s, "img_s": self.img_s, "speedup": self.speedup,
+                  "speedup_low": self.speedup_low, "speedup_high": self.speedup_high, "speed_spread": self.spread,
+                  "speed_rounds": self.rounds, "speed_reliable": float(self.reliable),
+                  "speed_foreign_cpu": self.foreign_cpu}
+        if self.macs and self.dense_macs:
+            # 1.0 = every MAC removed turned into speed; pruning tools are often far below
+            every |= {"macs_speedup": self.macs_speedup, "speedup_efficiency": self.speedup / self.macs_speedup}
+        return {prefix + k: every[k] for k in (every if keys is None else keys)}
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -184,109 +309,118 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def interleaved_speedup(
-    dense: nn.Module,
-    pruned: nn.Module,
+def prepare(models: Sequence[nn.Module], protocol: TimingConfig) -> list[nn.Module]:
+    """The modules that are timed: each in eval mode on the protocol's device and memory format,
+    as an inference copy with BatchNorm folded (``fold_bn``) and compiled (``compile``). All
+    models get the same treatment, so a speed-up stays a fair comparison."""
+    nets = []
+    for m in models:
+        net = (fold_batchnorm(m) if protocol.fold_bn else m.eval()).to(protocol.device,
+                                                                        memory_format=protocol.memory_format)
+        nets.append(torch.compile(net) if protocol.compile else net)
+    return nets
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sizes(model: nn.Module, image_size: int) -> tuple[int, int]:
+    """MACs and parameters; (0, 0) for a callable with no parameters to count."""
+    if next(iter(model.parameters()), None) is None:
+        return 0, 0
+    return count_macs(model, image_size), count_params(model)
+
+
+def time_models(
+    models: Sequence[nn.Module],
     image_size: int,
-    batch_size: int = 64,
-    rounds: int = 12,
-    per_round: int = 2,
-    warmup: int = 3,
-    max_spread: float = 0.10,
-    attempts: int = 2,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    protocol: TimingConfig,
+    *,
+    labels: Sequence[str] | None = None,
     timer: Timer | None = None,
-    max_foreign_cpu: float = 0.15,
     check_contention: bool | None = None,
-) -> SpeedUp:
-    """Time dense and pruned in many short interleaved rounds (ABBA: the order flips every
-    round, so a trend in the machine's speed cancels) and take the speed-up per round.
+    prepared: Sequence[nn.Module] | None = None,
+) -> list[SpeedResult]:
+    """Time ``models`` (``models[0]`` is the dense reference) in many short interleaved rounds
+    and return one record per model, in order.
 
     Another process stealing the cores slows whichever model runs at that moment: one number
-    from one long run each can be off by any factor, in either direction. Per-round ratios
-    show it as spread; the median ignores a few hit rounds. A result whose interquartile range
-    exceeds ``max_spread`` (relative) is measured again with twice the rounds, up to
-    ``attempts`` times; if it stays noisy it is returned with ``reliable=False`` — never as a
-    plain number. On a CPU, a measurement during which other processes used more than
-    ``max_foreign_cpu`` of the machine is unreliable however tight it looks (see
-    :class:`ForeignCPU`). ``timer`` is injectable so decisions built on this can be tested; the
-    contention check then applies only when ``check_contention`` asks for it (an injected clock
-    does not run on the machine's cores).
+    from one long run each can be off by any factor, in either direction. So every round times
+    every model, in rotating order (ABBA for two: a trend in the machine's speed cancels), and a
+    model's speed-up is the median of its per-round ratios to the reference: a few hit rounds
+    show as spread, not as a wrong median. When any record's interquartile range exceeds
+    ``max_spread`` (relative), all are measured again with twice the rounds, up to ``attempts``
+    times; what stays noisy is returned with ``reliable=False``, never as a plain number. On a
+    CPU, a measurement during which other processes used more than ``max_foreign_cpu`` of the
+    machine is unreliable however tight it looks (see :class:`ForeignCPU`).
+
+    ``timer`` is injectable so decisions built on this can be tested; the contention check then
+    applies only when ``check_contention`` asks for it (an injected clock does not run on the
+    machine's cores). ``prepared``: the modules to time when the caller already made them with
+    :func:`prepare` (a bench reuses its compiled copies across batch sizes and precisions);
+    MACs and parameters are always counted on ``models``.
     """
-    device = torch.device(device)
+    labels = list(labels) if labels is not None else ["dense", *(f"model {i}" for i in range(1, len(models)))]
+    if not models or len(labels) != len(models):
+        raise ValueError(f"{len(models)} models and {len(labels)} labels: give at least one model, a label each")
     if check_contention is None:
-        check_contention = timer is None and device.type == "cpu"
-    timer = timer or make_timer(device, amp_dtype)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    models = [m.eval().to(device, memory_format=fmt) for m in (dense, pruned)]
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=fmt)
-    for m in models:
-        for _ in range(warmup):
-            timer(m, x)
-    n = rounds
-    for attempt in range(1, attempts + 1):
-        probe = ForeignCPU()
-        dense_t, pruned_t = interleaved_times(models, x, n, per_round, timer)
-        foreign = probe.fraction() if check_contention else 0.0
-        ratios = [d / p for d, p in zip(dense_t, pruned_t, strict=True)]
-        low, mid, high = _quartiles(ratios)
-        result = SpeedUp(mid, low, high, batch_size / statistics.median(dense_t), batch_size / statistics.median(pruned_t),
-                         n, attempt, reliable=False, foreign_cpu=foreign)
-        if result.spread <= max_spread and foreign <= max_foreign_cpu:
-            result.reliable = True
-            return result
-        n *= 2
-    return result
+        check_contention = timer is None and protocol.device.type == "cpu"
+    timer = timer or make_timer(protocol.device, protocol.amp_dtype)
+    sizes = [_sizes(m, image_size) for m in models]
+    nets = list(prepared) if prepared is not None else prepare(models, protocol)
+    batch = protocol.batch_size
+    with _torch_threads(protocol.threads):
+        x = torch.randn(batch, 3, image_size, image_size, device=protocol.device)
+        x = x.contiguous(memory_format=protocol.memory_format)
+        for net in nets:
+            for _ in range(protocol.warmup):
+                timer(net, x)
+        rounds = protocol.rounds
+        for attempt in range(1, protocol.attempts + 1):
+            probe = ForeignCPU()
+            times = interleaved_times(nets, x, rounds, protocol.per_round, timer)
+            foreign = probe.fraction() if check_contention else 0.0
+            records = [_record(label, t, times[0], size, sizes[0], rounds, attempt, foreign, protocol)
+                       for label, t, size in zip(labels, times, sizes, strict=True)]
+            if all(r.reliable for r in records):
+                break
+            rounds *= 2
+    return records
 
 
-def compare(
-    dense: nn.Module,
-    pruned: nn.Module,
-    image_size: int,
-    batch_size: int = 64,
-    rounds: int = 12,
-    warmup: int = 3,
-    max_spread: float = 0.10,
-    attempts: int = 2,
-    device: torch.device | str = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    timer: Timer | None = None,
-    fold_bn: bool = False,
-    max_foreign_cpu: float = 0.15,
-) -> dict[str, float]:
-    """What the pruned model is worth beside the dense one: MACs, params and measured speed
-    (of inference copies with BatchNorm folded into the convs when ``fold_bn``).
+def _record(label: str, t: list[float], dense_t: list[float], size: tuple[int, int], dense_size: tuple[int, int],
+            rounds: int, attempt: int, foreign: float, protocol: TimingConfig) -> SpeedResult:
+    low, mid, high = _quartiles([d / p for d, p in zip(dense_t, t, strict=True)])
+    spread = (high - low) / mid if mid > 0 else math.inf
+    why = []
+    if not spread <= protocol.max_spread:
+        why.append(f"per-round speed-ups spread {spread:.0%} (IQR) > {protocol.max_spread:.0%}")
+    if foreign > protocol.max_foreign_cpu:
+        why.append(f"other processes used {foreign:.0%} of the CPUs > {protocol.max_foreign_cpu:.0%}")
+    p50 = p90 = None
+    if protocol.batch_size == 1:
+        ordered = sorted(t)
+        p50 = 1000 * statistics.median(ordered)
+        p90 = 1000 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    batch = protocol.batch_size
+    return SpeedResult(label, batch / statistics.median(t), batch / statistics.median(dense_t), mid, low, high,
+                       reliable=not why, reason="; ".join(why), rounds=rounds, attempts=attempt, foreign_cpu=foreign,
+                       protocol=protocol, macs=size[0], params=size[1], dense_macs=dense_size[0],
+                       dense_params=dense_size[1], latency_p50_ms=p50, latency_p90_ms=p90)
 
-    ``speed_reliable`` is 1.0 or 0.0 (a number, so MLflow keeps it as a metric); when it is 0
-    the speed figures are reported with their spread and must not be read as a plain number.
-    """
-    timed = (fold_batchnorm(dense), fold_batchnorm(pruned)) if fold_bn else (dense, pruned)
-    s = interleaved_speedup(*timed, image_size, batch_size=batch_size, rounds=rounds, warmup=warmup,
-                            max_spread=max_spread, attempts=attempts, device=device, amp_dtype=amp_dtype,
-                            channels_last=channels_last, timer=timer, max_foreign_cpu=max_foreign_cpu)
-    dense_macs, pruned_macs = count_macs(dense, image_size), count_macs(pruned, image_size)
-    dense_params, pruned_params = count_params(dense), count_params(pruned)
-    macs_speedup = dense_macs / pruned_macs
-    return {
-        "dense_macs": dense_macs,
-        "macs": pruned_macs,
-        "macs_reduction": 1 - pruned_macs / dense_macs,
-        "dense_params": dense_params,
-        "params": pruned_params,
-        "params_reduction": 1 - pruned_params / dense_params,
-        "dense_img_s": s.dense_img_s,
-        "img_s": s.img_s,
-        "speedup": s.speedup,
-        "speedup_low": s.low,
-        "speedup_high": s.high,
-        "speed_spread": s.spread,
-        "speed_rounds": s.rounds,
-        "speed_reliable": float(s.reliable),
-        "speed_foreign_cpu": s.foreign_cpu,
-        "macs_speedup": macs_speedup,
-        # 1.0 = every MAC removed turned into speed; pruning tools are often far below
-        "speedup_efficiency": s.speedup / macs_speedup,
-    }
+
+def compare(dense: nn.Module, pruned: nn.Module, image_size: int, protocol: TimingConfig | None = None, *,
+            timer: Timer | None = None, **changes: Any) -> dict[str, float]:
+    """What the pruned model is worth beside the dense one, as the flat metrics a run logs:
+    MACs, params and measured speed (:func:`time_models`) under ``protocol`` (default: the
+    defaults of :class:`TimingConfig`) with ``changes`` to its fields."""
+    protocol = (protocol or TimingConfig()).replace(**changes)
+    return time_models([dense, pruned], image_size, protocol, labels=("dense", "pruned"), timer=timer)[1].metrics()

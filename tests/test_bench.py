@@ -12,7 +12,7 @@ from methods import keep_count
 from pipeline import registry
 from pipeline.bench import BenchModel, distinct_labels, run_bench
 from pipeline.config import RegistryConfig
-from pipeline.measure import count_macs, fold_batchnorm
+from pipeline.measure import TimingConfig, count_macs, fold_batchnorm
 from pipeline.spec import make_spec, save_pruned
 from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
 from tests.conftest import ROOT
@@ -116,3 +116,23 @@ def test_bench_compiled_and_channels_last(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "| on | yes |" in ln]
     assert len(rows) == 2
+
+
+def test_run_bench_times_under_the_protocol_it_is_given():
+    """A bench setting is the given protocol at one batch size, precision, format and mode:
+    without BN folding the models themselves are timed, and each row names its setting."""
+    dense, pruned = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 4, 3)
+    seen = []
+
+    def clock(model, x):
+        seen.append((id(model), x.shape[0]))
+        return {id(dense): 2.0, id(pruned): 1.0}[id(model)]
+
+    models = [BenchModel("dense", dense), BenchModel("pruned", pruned)]
+    rows = run_bench(models, 8, [1, 3], ["fp32", "bf16"], [False], [False],
+                     TimingConfig(rounds=3, warmup=0, per_round=1), timer=clock)
+    assert [(r.label, r.batch, r.precision, r.channels_last, r.compiled) for r in rows] == [
+        (label, b, p, False, False) for p in ("fp32", "bf16") for b in (1, 3) for label in ("dense", "pruned")]
+    assert {i for i, _ in seen} == {id(dense), id(pruned)} and len(seen) == 4 * 2 * 3
+    assert [r.speedup for r in rows] == [1.0, 2.0] * 4 and all(r.reliable for r in rows)
+    assert models[1].macs == count_macs(pruned, 8) and rows[1].macs_reduction == 1 - models[1].macs / models[0].macs

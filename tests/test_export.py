@@ -1,6 +1,8 @@
 """`prunepipe export MODEL --format onnx`: a dynamic-batch ONNX file that reproduces PyTorch's
 logits, timed against dense in ONNX Runtime, logged beside a registered version."""
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -62,3 +64,16 @@ def test_export_registered_version_logs_beside_it(tmp_path, capsys):
     tags = client.get_model_version("tiny", str(version)).tags
     assert float(tags["onnx_max_abs_error"]) <= 1e-3 and float(tags["onnx_img_s"]) > 0
     assert main(["export", "models:/tiny@challenger", "--tracking-uri", uri, "--tolerance", "0"]) == 2
+
+
+def test_export_report_is_the_speed_record_under_the_onnx_prefix():
+    from pipeline.measure import SpeedResult, TimingConfig
+
+    speed = SpeedResult("pruned", img_s=300.0, dense_img_s=100.0, speedup=3.0, speedup_low=2.9, speedup_high=3.1,
+                        reliable=False, reason="noisy", rounds=12, attempts=2, foreign_cpu=0.0, protocol=TimingConfig())
+    report = export.OnnxReport(Path("m.onnx"), 2e-5, speed)
+    assert report.metrics() == {"onnx_max_abs_error": 2e-5, "onnx_dense_img_s": 100.0, "onnx_img_s": 300.0,
+                                "onnx_speedup": 3.0, "onnx_speedup_low": 2.9, "onnx_speedup_high": 3.1,
+                                "onnx_speed_reliable": 0.0}
+    assert report.summary().splitlines()[1] == ("ONNX Runtime CPU: dense 100 img/s, pruned 300 img/s, speed-up 3.00x "
+                                                "[2.90-3.10]  (noisy: re-run alone)")
