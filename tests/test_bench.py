@@ -8,26 +8,17 @@ import pytest
 import torch
 import torchvision
 
-from methods import keep_count
 from pipeline import registry
 from pipeline.bench import BenchModel, distinct_labels, run_bench
 from pipeline.config import RegistryConfig
 from pipeline.measure import TimingConfig, count_macs, fold_batchnorm
 from pipeline.spec import make_spec, save_pruned
-from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
 from tests.conftest import ROOT
-from tests.lifecycle import randomise_bn
+from tests.helpers.factories import pruned_model
 
 
 def _pruned(ratio, arch="resnet18", size=32):
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10).eval()
-    randomise_bn(model)
-    groups = find_groups(model, size, "inner")
-    masks = {g.name: structured_topk(filter_norms(model, g), keep_count(g.size, ratio, 1, g.channel_groups),
-                                     g.channel_groups) for g in groups}
-    apply_masks(model, groups, masks)
-    return prune_model(model, groups, masks, size)
+    return pruned_model(ratio, arch, size, random_bn=True)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])

@@ -11,7 +11,7 @@ from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.pyfunc_model import log_pyfunc
 from tests.conftest import ROOT
-from tests.test_pyfunc import _pruned_resnet18
+from tests.helpers.factories import saved_pruned_model
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import browser_check  # noqa: E402
@@ -26,7 +26,7 @@ def test_browser_check_sees_a_readable_store(tmp_path, digits_root):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = registry.connect(RegistryConfig(tracking_uri=uri, experiment="seen", model_name="tiny"))
-    folder = _pruned_resnet18(tmp_path / "model")
+    folder = saved_pruned_model(tmp_path / "model")
     with mlflow.start_run(run_name="search demo") as parent:
         pass
     with mlflow.start_run(run_name=registry.run_name("l1", "r0.50", "abc_00000"),

@@ -14,13 +14,15 @@ from pipeline import export, registry
 from pipeline.config import RegistryConfig
 from pipeline.pyfunc_model import log_pyfunc
 from pipeline.spec import load_pruned
-from tests.test_pyfunc import SIZE, _pruned_resnet18
+from tests.helpers.factories import saved_pruned_model
+
+SIZE = 32
 
 pytest.importorskip("onnxruntime")
 
 
 def test_export_folder_dynamic_batch_matches_pytorch(tmp_path, capsys):
-    folder = _pruned_resnet18(tmp_path / "model")
+    folder = saved_pruned_model(tmp_path / "model")
     code = main(["export", str(folder), "--out", str(tmp_path / "out"), "--batch-size", "4", "--rounds", "2",
                  "--threads", "1"])
     assert code == 0
@@ -37,10 +39,10 @@ def test_export_folder_dynamic_batch_matches_pytorch(tmp_path, capsys):
 
 
 def test_export_refuses_a_file_that_does_not_reproduce_the_model(tmp_path, monkeypatch):
-    folder = _pruned_resnet18(tmp_path / "model")
+    folder = saved_pruned_model(tmp_path / "model")
     model, _ = load_pruned(folder)
     path = export.export_onnx(model, SIZE, tmp_path / "m.onnx")
-    other = _pruned_resnet18(tmp_path / "other")
+    other = saved_pruned_model(tmp_path / "other")
     other_model, _ = load_pruned(other)
     torch.nn.init.normal_(other_model.fc.weight)
     assert export.max_logit_error(path, other_model, SIZE) > 1e-2  # the check sees a different model
@@ -52,7 +54,7 @@ def test_export_refuses_a_file_that_does_not_reproduce_the_model(tmp_path, monke
 def test_export_registered_version_logs_beside_it(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = registry.connect(RegistryConfig(tracking_uri=uri, experiment="export", model_name="tiny"))
-    folder = _pruned_resnet18(tmp_path / "model")
+    folder = saved_pruned_model(tmp_path / "model")
     with mlflow.start_run() as run:
         mlflow.set_tag(registry.MODEL_ID_TAG, log_pyfunc(folder).model_id)
     version = registry.register(client, "tiny", run.info.run_id, {"val_top1": 0.5})

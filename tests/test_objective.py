@@ -10,7 +10,7 @@ from launch.search import _decide, format_table
 from pipeline.config import ObjectiveConfig, build_config
 from pipeline.measure import count_macs
 from pipeline.spec import make_spec, save_pruned
-from tests.test_bench import _pruned
+from tests.helpers.factories import pruned_model
 
 
 def _row(name, top1, speedup, reliable=1.0, status="done", dense=0.95, macs=0.5, **kw):
@@ -94,7 +94,7 @@ def test_decide_registers_the_winner_with_its_remeasured_speed(tmp_path):
     registry.connect(cfg.registry)  # its own store and experiment, whatever ran before
     rows = []
     for name, ratio, top1, claimed in (("a", 0.1, 0.95, 9.9), ("b", 0.6, 0.94, 1.0), ("c", 0.7, 0.80, 9.9)):
-        model = _pruned(ratio)
+        model = pruned_model(ratio, random_bn=True)
         folder = save_pruned(model, tmp_path / name, make_spec(model, "resnet18", 10, image_size=32))
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(folder), artifact_path="model")
@@ -110,7 +110,7 @@ def test_decide_registers_the_winner_with_its_remeasured_speed(tmp_path):
     best = result["best"]
     dense_macs = count_macs(torchvision.models.resnet18(num_classes=10), 32)
     a = next(r for r in rows if r["trial"] == "a")
-    assert a["remeasured"] and a["speedup"] == pytest.approx(dense_macs / count_macs(_pruned(0.1), 32), rel=1e-6)
+    assert a["remeasured"] and a["speedup"] == pytest.approx(dense_macs / count_macs(pruned_model(0.1, random_bn=True), 32), rel=1e-6)
     assert a["speedup"] < 1.2  # its 9.9x was a trial-time artefact: re-measured it fails the goal
     assert best["trial"] == "b" and best["remeasured"]
     mv = MlflowClient(cfg.registry.tracking_uri).get_model_version_by_alias("objective", "challenger")
@@ -131,7 +131,7 @@ def test_a_finalist_timed_while_the_machine_ran_slow_is_measured_again_then_flag
                         "data": {"image_size": 32}})
     rows = []
     for name, ratio in (("a", 0.3), ("b", 0.4), ("c", 0.5), ("d", 0.6)):
-        model = _pruned(ratio)
+        model = pruned_model(ratio, random_bn=True)
         folder = save_pruned(model, tmp_path / name, make_spec(model, "resnet18", 10, image_size=32))
         rows.append(_row(name, 0.9, 9.9, model_dir=str(folder)))
     dense_macs = count_macs(torchvision.models.resnet18(num_classes=10), 32)

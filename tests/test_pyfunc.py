@@ -14,27 +14,15 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from methods import keep_count
 from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.pyfunc_model import log_pyfunc
-from pipeline.spec import load_pruned, make_spec, save_pruned
-from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
+from pipeline.spec import load_pruned
+from tests.helpers.factories import saved_pruned_model
 from tests.helpers.procs import free_port
 
 SIZE = 32
-
-
-def _pruned_resnet18(folder: Path) -> Path:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    groups = find_groups(model, SIZE, "inner")
-    masks = {g.name: structured_topk(filter_norms(model, g), keep_count(g.size, 0.5), 1) for g in groups}
-    apply_masks(model, groups, masks)
-    prune_model(model, groups, masks, SIZE)
-    return save_pruned(model, folder, make_spec(model, "resnet18", 10, image_size=SIZE))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +31,7 @@ def registered(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pyfunc")
     cfg = RegistryConfig(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="pyfunc", model_name="tiny")
     client = registry.connect(cfg)
-    folder = _pruned_resnet18(tmp / "model")
+    folder = saved_pruned_model(tmp / "model", size=SIZE)
     with mlflow.start_run(run_name="tiny") as run:
         info = log_pyfunc(folder)
         mlflow.set_tag(registry.MODEL_ID_TAG, info.model_id)

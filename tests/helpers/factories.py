@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+import torchvision
+from torch import nn
 
+from methods import keep_count
 from pipeline.data.errors import BadSampleLog
+from pipeline.spec import make_spec, save_pruned
+from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
 
 
 class ListLoader:
@@ -51,3 +57,28 @@ class LoaderView:
 
     def __iter__(self):
         return iter(self.loader)
+
+
+def pruned_model(ratio: float = 0.5, arch: str = "resnet18", size: int = 32, classes: int = 10,
+                 random_bn: bool = False) -> nn.Module:
+    """A seeded torchvision ``arch`` with ``ratio`` of every inner group's channels cut by L2 norm
+    (eval mode). ``random_bn``: BatchNorm statistics and affine terms drawn at random first, so
+    that folding or cutting them has something to get wrong."""
+    from tests.lifecycle import randomise_bn
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=classes).eval()
+    if random_bn:
+        randomise_bn(model)
+    groups = find_groups(model, size, "inner")
+    masks = {g.name: structured_topk(filter_norms(model, g), keep_count(g.size, ratio, 1, g.channel_groups),
+                                     g.channel_groups) for g in groups}
+    apply_masks(model, groups, masks)
+    return prune_model(model, groups, masks, size)
+
+
+def saved_pruned_model(folder: Path, ratio: float = 0.5, arch: str = "resnet18", size: int = 32,
+                       classes: int = 10) -> Path:
+    """:func:`pruned_model` saved as a pruned-model folder (spec + safetensors); its path."""
+    model = pruned_model(ratio, arch, size, classes)
+    return save_pruned(model, folder, make_spec(model, arch, classes, image_size=size))
