@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.distributed import DistInfo
 from pipeline.models import WeightsError, build_model, read_state_dict
 from tests.conftest import DEMO, ROOT
+from tests.helpers.factories import demo_config
 
 CORPUS = ROOT / "tests" / "bad_inputs"
 SOLO = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
@@ -228,7 +229,7 @@ def test_plain_weights_still_load(tmp_path):
 
 # --- the checkpoint fingerprint -------------------------------------------------------------------
 def _cfg(tmp_path: Path, *overrides: str):
-    return load_config(DEMO, [f"output_dir={tmp_path / 'out'}", "registry.enabled=false", *overrides])
+    return demo_config(tmp_path, *overrides)
 
 
 def test_fingerprint_covers_what_shapes_the_model_and_nothing_else(tmp_path):

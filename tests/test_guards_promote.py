@@ -10,9 +10,9 @@ import pipeline.measure
 import pipeline.promote
 from launch.cli import main
 from pipeline import registry
-from pipeline.config import RegistryConfig
 from pipeline.promote import promote
 from tests.conftest import DEMO
+from tests.helpers.factories import sqlite_store
 from tests.test_registry import _logged_model, macs_timer
 
 
@@ -28,7 +28,7 @@ def champion_store(tmp_path, monkeypatch):
         return pipeline.measure.compare(*args, timer=timer or clock, **kwargs)
 
     monkeypatch.setattr(pipeline.promote, "compare", compare_on_the_macs_clock)
-    cfg = RegistryConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="t", model_name="m")
+    cfg = sqlite_store(tmp_path)
     client = registry.connect(cfg)
     run, _ = _logged_model(tmp_path, 0.3, 0.90, "champ")
     v = registry.register(client, "m", run, {"val_top1": 0.90})

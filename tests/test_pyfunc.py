@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from pipeline import registry
-from pipeline.config import RegistryConfig
 from pipeline.pyfunc_model import log_pyfunc
 from pipeline.spec import load_pruned
-from tests.helpers.factories import saved_pruned_model
+from tests.helpers.factories import saved_pruned_model, sqlite_store
 from tests.helpers.procs import free_port
 
 SIZE = 32
@@ -29,7 +28,7 @@ SIZE = 32
 def registered(tmp_path_factory):
     """A pruned resnet18 logged as a pyfunc by a run and registered as ``tiny@challenger``."""
     tmp = tmp_path_factory.mktemp("pyfunc")
-    cfg = RegistryConfig(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="pyfunc", model_name="tiny")
+    cfg = sqlite_store(tmp, "pyfunc", "tiny")
     client = registry.connect(cfg)
     folder = saved_pruned_model(tmp / "model", size=SIZE)
     with mlflow.start_run(run_name="tiny") as run:

@@ -6,15 +6,14 @@ from __future__ import annotations
 import pytest
 
 from launch import recipe
-from pipeline.config import absolutize, load_config
-from tests.conftest import DEMO
+from tests.helpers.factories import demo_config
 
 
 def _tiny(tmp_path, *extra: str):
-    return absolutize(load_config(DEMO, [
-        f"output_dir={tmp_path / 'out'}", "registry.enabled=false", "data.backend=synthetic",
+    return demo_config(tmp_path, *[
+        "data.backend=synthetic",
         "data.synthetic_samples=64", "data.batch_size=16", "data.image_size=16", "measure.batch_size=8",
-        "measure.rounds=2", "measure.warmup=0", "measure.attempts=1", "train.budget_epochs=2", *extra]))
+        "measure.rounds=2", "measure.warmup=0", "measure.attempts=1", "train.budget_epochs=2", *extra])
 
 
 def _count(monkeypatch, module, name: str, calls: list[str]) -> None:

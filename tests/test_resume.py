@@ -14,8 +14,9 @@ import pytest
 from launch import cli, resume
 from launch.recipe import baseline_path
 from launch.search_log import ConsoleView
-from pipeline.config import ConfigError, absolutize, load_config
+from pipeline.config import ConfigError
 from tests.conftest import DEMO
+from tests.helpers.factories import demo_config
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +34,7 @@ def _overrides(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def _cfg(tmp_path: Path, *extra: str):
-    return absolutize(load_config(DEMO, _overrides(tmp_path, *extra)))
+    return demo_config(tmp_path, *extra)
 
 
 def _saved_search(tmp_path: Path, *extra: str):

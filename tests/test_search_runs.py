@@ -12,14 +12,12 @@ from launch import search_log
 from launch.model_card import build_card
 from methods import budget_knob
 from pipeline import registry
-from pipeline.config import RegistryConfig, absolutize, load_config
-from tests.conftest import DEMO
+from pipeline.config import RegistryConfig
+from tests.helpers.factories import demo_config
 
 
 def _cfg(tmp_path, *extra):
-    return absolutize(load_config(DEMO, [
-        f"output_dir={tmp_path / 'out'}", f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "registry.experiment=runs", *extra]))
+    return demo_config(tmp_path, "registry.experiment=runs", *extra, store=True)
 
 
 def test_run_names_say_method_and_knob():

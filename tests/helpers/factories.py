@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from methods import keep_count
+from pipeline.config import Config, RegistryConfig, absolutize, load_config
 from pipeline.data.errors import BadSampleLog
 from pipeline.spec import make_spec, save_pruned
 from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
@@ -82,3 +83,18 @@ def saved_pruned_model(folder: Path, ratio: float = 0.5, arch: str = "resnet18",
     """:func:`pruned_model` saved as a pruned-model folder (spec + safetensors); its path."""
     model = pruned_model(ratio, arch, size, classes)
     return save_pruned(model, folder, make_spec(model, arch, classes, image_size=size))
+
+
+def demo_config(tmp_path: Path, *overrides: str, store: bool = False) -> Config:
+    """The demo config (``configs/demo.yaml``) writing under ``tmp_path``: ``output_dir`` is
+    ``tmp_path/out`` and MLflow is off, or (``store``) a SQLite store ``tmp_path/mlflow.db``;
+    ``overrides`` (dotted ``key=value``) come last and win."""
+    from tests.conftest import DEMO
+
+    registry = [f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"] if store else ["registry.enabled=false"]
+    return absolutize(load_config(DEMO, [f"output_dir={tmp_path / 'out'}", *registry, *overrides]))
+
+
+def sqlite_store(folder: Path, experiment: str = "t", model_name: str = "m") -> RegistryConfig:
+    """A registry section for a fresh SQLite MLflow store in ``folder``."""
+    return RegistryConfig(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", experiment=experiment, model_name=model_name)
