@@ -249,12 +249,11 @@ def _run_trials(cfg: Config, parent: str | None, verbose: bool, resume: bool = F
                 "trial": str(m.get("trial_id", "?")),
                 "method": conf.get("prune.method", cfg.prune.method),
                 "ratio": conf.get("prune.prune_ratio", cfg.prune.prune_ratio),
-                "delta": conf.get("prune.options.lossvar.delta"),
+                "knob": _table_knob(conf, cfg),
                 "status": "done" if m.get("final") else ("error" if result.error else "stopped"),
-                **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction", "img_s",
-                                         "dense_img_s", "speedup", "speedup_low", "speedup_high", "speed_reliable",
-                                         "speedup_efficiency", "epoch", "run_id", "wall_s", "started_at", "ended_at",
-                                         "model_dir")},
+                **{k: m.get(k) for k in ("val_top1", "dense_val_top1", "macs_reduction", "params_reduction",
+                                         *objective.SPEED_KEYS, "epoch", "run_id", "wall_s", "started_at",
+                                         "ended_at", "model_dir")},
             }
         )
     return rows
@@ -288,7 +287,7 @@ def _decide(rows: list[dict[str, Any]], cfg: Config, timer=None) -> dict[str, An
 def _card(best: dict[str, Any], cfg: Config) -> str:
     """The chosen trial's model card (its spec from the trial folder; the search's config when
     that folder is not on this node)."""
-    from pipeline.model_card import build_card
+    from launch.model_card import build_card
     from pipeline.spec import SpecError, read_spec
 
     try:
@@ -296,6 +295,15 @@ def _card(best: dict[str, Any], cfg: Config) -> str:
     except (SpecError, TypeError):
         spec = {"arch": cfg.model.arch, "config": config_to_dict(cfg)}
     return build_card(spec, best.get("run_id"), best)
+
+
+def _table_knob(conf: dict[str, Any], cfg: Config) -> str | None:
+    """What the table's ratio column shows for a trial whose widths a setting other than the
+    ratio decided (``δ0.1``, as its method writes it); None: the ratio it was given."""
+    from launch.search_log import trial_knob
+
+    _, knob = trial_knob(conf, config_to_dict(cfg))
+    return None if knob.is_ratio else knob.tag()
 
 
 def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, why: str | None = None) -> str:
@@ -313,8 +321,7 @@ def format_table(rows: list[dict[str, Any]], best: dict[str, Any] | None, why: s
         flags = ("*" if best is not None and r is best else " ") + ("P" if r.get("pareto") else " ") + \
             ("r" if r.get("remeasured") else " ")
         mark = f" {flags} {r.get('why_not') or ''}".rstrip()
-        # lossvar sets its rates from δ, not from the uniform ratio: show what it was given
-        knob = f"δ{r['delta']:.3g}" if r["method"] == "lossvar" and r.get("delta") else f(r["ratio"], ".2f")
+        knob = r.get("knob") or f(r["ratio"], ".2f")
         lines.append(
             f"{r['trial']:<12} {r['method']:<12} {knob:>6} {r['status']:<8} {f(r['val_top1'], '.3f'):>6} "
             f"{f(r['dense_val_top1'], '.3f'):>6} {f(r['macs_reduction'], '.1%'):>9} {f(r['params_reduction'], '.1%'):>11} "

@@ -13,17 +13,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from pipeline.registry import OUTPUT_DIR_TAG, TRIAL_TAG
+
+if TYPE_CHECKING:
+    from methods import Knob
 
 LOG_DIR = "logs"
 
@@ -44,15 +48,39 @@ def tee_output(folder: str | Path) -> Path:
     return path
 
 
+def trial_prune(config: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's prune section: its Tune config's ``prune.*`` overrides over the prune section of
+    ``__base__`` (or of ``base``, a whole config as a dict, where the Tune config has none)."""
+    root = config.get("__base__") or base or {}
+    prune = copy.deepcopy(root.get("prune") or {})
+    for key, value in config.items():
+        if not key.startswith("prune."):
+            continue
+        *path, last = key.split(".")[1:]
+        node = prune
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # absent or null in the base: the override creates it
+            node = node[part]
+        node[last] = value
+    return prune
+
+
+def trial_knob(config: dict[str, Any], base: dict[str, Any] | None = None) -> tuple[str, Knob]:
+    """(method, the knob that decided its widths, as the method describes it) of a trial's Tune config."""
+    from methods import budget_knob
+
+    prune = trial_prune(config, base)
+    method = prune.get("method", "?")
+    return method, budget_knob(method, prune)
+
+
 def label(config: dict[str, Any]) -> str:
     """``l1 r0.40`` / ``lossvar δ0.02`` from a trial's Tune config (its overrides over ``__base__``)."""
     from pipeline.registry import run_name
 
-    prune = (config.get("__base__") or {}).get("prune") or {}
-    method = config.get("prune.method", prune.get("method", "?"))
-    ratio = config.get("prune.prune_ratio", prune.get("prune_ratio"))
-    delta = config.get(f"prune.options.{method}.delta", ((prune.get("options") or {}).get(method) or {}).get("delta"))
-    return run_name(method, ratio, delta)
+    method, knob = trial_knob(config)
+    return run_name(method, knob.tag())
 
 
 class ConsoleView(Callback):

@@ -29,8 +29,8 @@ from pipeline.journal import Journal, Record, read_journal, segments
 def _apply_start(data: dict[str, Any], run_id: str) -> None:
     import mlflow
 
+    from launch.model_card import CONFIG_ARTIFACT
     from pipeline import registry
-    from pipeline.model_card import CONFIG_ARTIFACT
 
     registry.log_params(data["params"], run_id=run_id)
     if data.get("config") is not None:
@@ -127,14 +127,14 @@ class TrialLog:
         from mlflow.tracking.context.registry import resolve_tags
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+        from methods import budget_knob
         from pipeline import registry  # MLflow: only where it is used
         from pipeline.data.manifest import read_manifest
 
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         self.journal = Journal(self.out).open()
         method = cfg.prune.method
-        # a method configured by a loss budget (δ) shows it instead of the uniform ratio it ignores
-        delta = (cfg.prune.options.get(method) or {}).get("delta")
+        knob = budget_knob(method, cfg.prune.model_dump())  # what decided the widths, as the method says
         self.key = uuid.uuid4().hex
         tags = {"prunepipe.method": method, registry.TRIAL_TAG: run_name, registry.OUTPUT_DIR_TAG: str(cfg.output_dir),
                 registry.JOURNAL_KEY_TAG: self.key}
@@ -146,7 +146,7 @@ class TrialLog:
             datasets = [registry.dataset_ref(cfg.data.root, split, manifest) for split in ("train", "val")]
         start = self.journal.append(
             "start", key=self.key, tracking_uri=cfg.registry.tracking_uri, experiment=cfg.registry.experiment,
-            run_name=registry.run_name(method, cfg.prune.prune_ratio, delta, run_name),
+            run_name=registry.run_name(method, knob.tag(), run_name),
             tags=resolve_tags(tags),  # source, user, git commit: as the trial's own process sees them
             params=registry.param_values(flatten(config_to_dict(cfg))), config=config_to_dict(cfg),
             datasets=datasets)

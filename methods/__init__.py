@@ -12,12 +12,15 @@ from methods import norm as _norm  # noqa: E402,F401
 from methods import sfp as _sfp  # noqa: E402,F401
 from methods import tp_peers as _tp_peers  # noqa: E402,F401
 from methods.base import (
+    Knob,
     Method,
     SelectContext,
+    budget_knob,
     get_method_class,
     keep_count,
     method_names,
     register_method,
 )
 
-__all__ = ["Method", "SelectContext", "get_method_class", "keep_count", "method_names", "register_method"]
+__all__ = ["Knob", "Method", "SelectContext", "budget_knob", "get_method_class", "keep_count", "method_names",
+           "register_method"]

@@ -1,4 +1,4 @@
-"""Adding Before Pruning (ABP) — Tian et al., IEEE TNNLS 2021 (METHODS.md §4).
+"""Adding Before Pruning (ABP) — Tian et al., IEEE TNNLS 2021 (docs/method_specs.md §ABP).
 
 Only the abstract is available; this is the project's reconstruction. After the BN (and ReLU)
 of every inner channel group, an attention layer with one learnable score s_c per channel

@@ -1,4 +1,4 @@
-"""AutoPruner — Luo & Wu, Pattern Recognition 2020 (METHODS.md §2), after the authors' code
+"""AutoPruner — Luo & Wu, Pattern Recognition 2020 (docs/method_specs.md §AutoPruner), after the authors' code
 (github.com/Roll920/AutoPruner, ``ResNet50/50``: ``main.py``, ``src_code/my_op.py``,
 ``src_code/Network_FT.py``; read, not copied).
 

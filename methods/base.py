@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -48,6 +49,51 @@ def get_method_class(name: str) -> type[Method]:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The one setting that decides how many channels a method keeps, as a person reads it:
+    the uniform ``prune.prune_ratio`` for most methods, an option of the method's own for a
+    method that sets its rates another way (lossvar's loss budget δ). Trial and run names, the
+    search table and the model card show this setting rather than one the method ignores."""
+
+    label: str  # what the search table and the card call it: "ratio", "δ"
+    value: float | None  # None: not set (a name then carries no knob)
+    option: str | None = None  # its key under prune.options.<method>; None: prune.prune_ratio
+    symbol: str = "r"  # its prefix in a run name: "r0.40", "δ0.02"
+    fmt: str = ".2f"  # how its value is written
+
+    @property
+    def is_ratio(self) -> bool:
+        return self.option is None
+
+    @property
+    def setting(self) -> str:
+        """Its name among the trial's prune settings, as the model card lists them."""
+        return "prune_ratio" if self.option is None else self.option
+
+    def tag(self) -> str:
+        """``r0.40`` / ``δ0.0234``: the knob in a run name; "" when it is not set."""
+        return "" if self.value is None else f"{self.symbol}{format(self.value, self.fmt)}"
+
+
+def budget_knob(method: str, prune: Mapping[str, Any]) -> Knob:
+    """The :class:`Knob` of the method named ``method`` in a trial whose prune section is
+    ``prune`` (a config's ``prune`` as a mapping; the method's options are those under
+    ``options.<method>``). A name that is not registered reads as a uniform-ratio method:
+    names are also shown for trials whose config never ran its checks."""
+    cls = _REGISTRY.get(method)
+    if cls is None:
+        return Method.budget_knob(NoOptions(), prune)
+    given = (prune.get("options") or {}).get(method) or {}
+    try:
+        options = cls.Options(**given)
+    except ValidationError:
+        # a search may draw options its base contradicts; that trial fails its own checks, but
+        # the console and the table still name it, from the options as given
+        options = cls.Options.model_construct(**given)
+    return cls.budget_knob(options, prune)
 
 
 def keep_count(n: int, prune_ratio: float, round_to: int = 1, channel_groups: int = 1) -> int:
@@ -91,6 +137,13 @@ class Method(ABC):
     # the prune.scope values it can work with: gates and BN penalties need one consumer per group
     scopes: ClassVar[tuple[str, ...]] = ("inner", "all")
     Options: ClassVar[type[BaseModel]] = NoOptions
+
+    @classmethod
+    def budget_knob(cls, options: BaseModel, prune: Mapping[str, Any]) -> Knob:
+        """The setting that decides this method's widths, from its validated ``options`` and the
+        trial's prune section: the uniform ``prune_ratio`` unless the method overrides this (a
+        method with a budget of its own overrides it in its own module, nowhere else)."""
+        return Knob("ratio", prune.get("prune_ratio"))
 
     def __init__(
         self,

@@ -1,5 +1,5 @@
 """ISTA on BatchNorm scales — Ye et al., ICLR 2018, "Rethinking the smaller-norm-less-
-informative assumption" (METHODS.md §5).
+informative assumption" (docs/method_specs.md §ISTA).
 
 Only the BNs of inner channel groups carry the penalty; residual widths stay. After every
 optimizer step, a proximal (ISTA) step on each penalised γ:

@@ -1,5 +1,5 @@
 """Balanced filter pruning at a preset loss variation — Li et al., 2020 (arXiv 2010.06821),
-METHODS.md §3. One-shot, layer-wise rates, no prune-retrain loop.
+docs/method_specs.md §lossvar. One-shot, layer-wise rates, no prune-retrain loop.
 
 Only the abstract is available; the project's reconstruction:
 
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
-from methods.base import Method, SelectContext, register_method
+from methods.base import Knob, Method, SelectContext, register_method
 from methods.staged import StagedForward
 from pipeline.progress import progress
 from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile
@@ -100,6 +101,16 @@ class LossVariation(Method):
         self.cost: dict[str, float] = {}
         self._staged: StagedForward | None = None
         self._bar: tqdm | None = None
+
+    @classmethod
+    def budget_knob(cls, options: BaseModel, prune: Mapping[str, Any]) -> Knob:
+        """δ when one is given: the loss budget then decides every rate and ``prune_ratio`` is
+        ignored. Without δ, the uniform ratio sets the MACs target (or a target of its own is
+        searched for) and the ratio is what the trial is named by."""
+        assert isinstance(options, LossVarOptions)
+        if options.delta is not None:
+            return Knob("δ", options.delta, option="delta", symbol="δ", fmt=".3g")
+        return super().budget_knob(options, prune)
 
     def calibration_samples(self) -> int:
         return self.options.calib_samples

@@ -1,4 +1,4 @@
-"""Soft Filter Pruning — He et al., IJCAI 2018 (METHODS.md §1).
+"""Soft Filter Pruning — He et al., IJCAI 2018 (docs/method_specs.md §SFP).
 
 Before training and after every pruning-phase epoch, the ``floor(N·prune_ratio)`` filters of
 smallest L2 norm are set to zero. Only the conv filters are zeroed, as in the authors' code

@@ -99,10 +99,10 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def run_name(method: str, ratio: float | None, delta: float | None = None, suffix: str = "") -> str:
-    """What a person reads in the runs list: ``lossvar δ0.02`` or ``l1 r0.40`` (δ for the
-    methods that set their rates from a loss budget instead of the uniform ratio)."""
-    knob = f"δ{delta:.3g}" if delta is not None else (f"r{ratio:.2f}" if ratio is not None else "")
+def run_name(method: str, knob: str = "", suffix: str = "") -> str:
+    """What a person reads in the runs list: ``l1 r0.40 <suffix>``, ``lossvar δ0.02``. ``knob``
+    is the setting that decided the widths, already written by the method that knows it (the
+    launch layer asks the method for it); empty parts are left out."""
     return " ".join(p for p in (method, knob, suffix) if p)
 
 

@@ -1,4 +1,4 @@
-"""AutoPruner (METHODS.md §2) against the authors' code, and every method × mode under 2-rank DDP."""
+"""AutoPruner (docs/method_specs.md §AutoPruner) against the authors' code, and every method × mode under 2-rank DDP."""
 
 import copy
 import json

@@ -1,5 +1,6 @@
-"""The bad-input corpus (issue 9): configs, overrides, weights, specs, CLI arguments, checkpoints,
-output folders and signals, tried as a careless or hostile user would.
+"""The bad-input corpus (every bad input stops cleanly and names itself): configs, overrides,
+weights, specs, CLI arguments, checkpoints, output folders and signals, tried as a careless or
+hostile user would.
 
 Every case asserts the exit status (or the error type), one line naming the input, no traceback,
 a time bound, and that nothing on disk changed that should not have. CLI cases run
@@ -251,7 +252,7 @@ def test_fingerprint_covers_what_shapes_the_model_and_nothing_else(tmp_path):
 
 
 def test_other_settings_in_an_existing_output_dir_stop_with_the_differing_keys(tmp_path, capsys):
-    """The issue's case: `prune.method=l2 prune.prune_ratio=0.2` into the folder of an l1/0.5 run
+    """The case this guards: `prune.method=l2 prune.prune_ratio=0.2` into the folder of an l1/0.5 run
     exited 0 with the old weights under the new labels."""
     out = tmp_path / "out"
     out.mkdir()

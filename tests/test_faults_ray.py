@@ -1,4 +1,5 @@
-"""Faults that lose nothing, on Ray, by really killing processes (issue 7).
+"""Faults that lose nothing, on Ray, by really killing processes (a killed worker or driver costs no
+finished work).
 
 * A Ray Train worker of a running trial is SIGKILLed: the worker group restarts (Ray Train's
   ``FailureConfig(max_failures)``), the trial resumes after its last checkpointed epoch and its

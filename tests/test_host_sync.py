@@ -1,7 +1,7 @@
-"""The training and evaluation loops read nothing back from the device per step (issue 8): a
-per-step ``.item()`` makes the host wait until the GPU's queue has drained, every step. The
-property is checked on CPU by counting every way a tensor's value reaches Python while an epoch
-runs: the count must not grow with the epoch's number of steps. Plain training, each
+"""The training and evaluation loops read nothing back from the device per step (the host never
+waits on the GPU): a per-step ``.item()`` makes the host wait until the GPU's queue has drained,
+every step. The property is checked on CPU by counting every way a tensor's value reaches Python
+while an epoch runs: the count must not grow with the epoch's number of steps. Plain training, each
 training-aware method's hooks, and evaluation."""
 
 from __future__ import annotations

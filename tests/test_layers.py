@@ -1,4 +1,4 @@
-"""Layers point one way (DESIGN.md): launch/ → methods/ → pipeline/, never back up.
+"""Layers point one way (docs/architecture.md): launch/ → methods/ → pipeline/, never back up.
 
 Read from the source, not from what happens to be imported at run time: every ``import`` and
 ``from ... import`` in a file counts, also inside functions and ``TYPE_CHECKING`` blocks.

@@ -1,4 +1,5 @@
-"""The properties METHODS.md asks of ABP (§4) and ISTA (§5); AutoPruner (§2): tests/test_autopruner.py."""
+"""The properties docs/method_specs.md asks of ABP (§ABP) and ISTA (§ISTA); AutoPruner (§AutoPruner):
+tests/test_autopruner.py."""
 
 import copy
 

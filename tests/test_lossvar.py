@@ -1,4 +1,4 @@
-"""Balanced pruning at a preset loss variation (METHODS.md §3)."""
+"""Balanced pruning at a preset loss variation (docs/method_specs.md §lossvar)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every registered method, and SFP's soft behaviour (METHODS.md §1)."""
+"""Every registered method, and SFP's soft behaviour (docs/method_specs.md §SFP)."""
 
 import copy
 

@@ -78,7 +78,7 @@ def test_recipe_macs_reduction_matches_the_paper(name):
 
 
 def test_ista_recipe_reduces_parameters_into_the_papers_range():
-    # the paper reports parameters for ResNet-101 (44.5 M -> about 17-21 M, METHODS.md §5,
+    # the paper reports parameters for ResNet-101 (44.5 M -> about 17-21 M, docs/method_specs.md §ISTA,
     # recalled); exact_budget prunes the configured count per inner group
     cfg = load_recipe(RECIPES / "ista_resnet101.yaml")
     model = build_model(cfg.model.arch, 1000, None)

@@ -2,7 +2,9 @@
 
 Built from the pruned model's ``spec.json`` (architecture, the trial's full config, its final
 metrics) and, where the search re-measured the speed alone, from the search's row. MLflow's UI
-renders a version's description as Markdown on the version page.
+renders a version's description as Markdown on the version page. It sits in the launch layer
+because it says which setting decided the widths, and only the method knows that
+(:meth:`methods.Method.budget_knob`); it is built when the search registers its best trial.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ def _mega(v: Any, fmt: str) -> str:
 
 
 def _knobs(prune: dict[str, Any]) -> str:
+    """The trial's prune settings, led by the one that decided the widths as the method
+    describes it. The uniform ``prune_ratio`` is left out where a budget of the method's own
+    (one of its options) decided them: the method ignored it, and listing it would mislead."""
+    from methods import budget_knob  # torch: only when a card is built, not when `sync` replays a trial
+
     method = prune.get("method", "?")
     options = (prune.get("options") or {}).get(method) or {}
-    # a loss budget (lossvar's δ) decides the rates; the uniform ratio it ignores would mislead
-    ratio = [] if options.get("delta") is not None else [f"prune_ratio={prune.get('prune_ratio')}"]
-    parts = [*ratio, f"scope={prune.get('scope')}", f"round_to={prune.get('round_to')}"]
-    parts += [f"{k}={v}" for k, v in sorted(options.items())]
-    return ", ".join(parts)
+    knob = budget_knob(method, prune)
+    rest = [f"scope={prune.get('scope')}", f"round_to={prune.get('round_to')}"]
+    rest += [f"{k}={v}" for k, v in sorted(options.items()) if k != knob.option]
+    return f"{knob.setting}={knob.value} decided the widths; " + ", ".join(rest)
 
 
 def build_card(spec: dict[str, Any], run_id: str | None = None, measured: dict[str, Any] | None = None) -> str:
