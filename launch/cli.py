@@ -258,6 +258,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.tolerance > 0:
         raise ConfigError(f"--tolerance {args.tolerance}: must be > 0")
+    # --out is the folder the .onnx files go into: an existing file there (or above it) stops
+    # now, before the model is loaded, not as mkdir's traceback after it
+    for folder in (Path(args.out), *Path(args.out).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is" if folder == Path(args.out) else f"lies under {str(folder)!r}, which is"
+                raise ConfigError(f"--out {args.out!r} {where} a file, not a folder (--out names the folder "
+                                  "the .onnx files are written into)")
+            break
     model, spec = _load_any(args.model, args.tracking_uri)
     size = int(spec.get("image_size", 224))
     name = args.model.removeprefix("models:/").replace("/", "-").replace("@", "-") if args.model.startswith("models:/") \

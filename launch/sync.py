@@ -9,11 +9,18 @@ not make is made; and a ``synced`` record is appended. Replaying is idempotent: 
 their original timestamps (MLflow drops an identical metric), params their same values, the
 model is logged only if the run has none, a version only if the run has none; a second sync
 finds nothing pending. A journal a running trial holds is left alone.
+
+A journal is input like any other: every path it names (a model folder, a plot, an artifact,
+and what lies in them and in ``logs/``) must resolve, links followed, inside the trial's own
+folder, or nothing is uploaded at all. A run that already holds other values for the params a
+segment would log (the trial folder was rewritten after an earlier sync) is left as it is and
+named; the other trials are still synced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +56,84 @@ def sync_output(root: str | Path, tracking_uri: str | None = None, only_uri: str
     journals = find_journals(root)
     if not journals:
         raise ConfigError(f"OUTPUT_DIR {root}: no trial journal ({JOURNAL}) under it; nothing to sync")
+    for path in journals:  # all of them before anything is uploaded
+        check_paths(path, root, only_uri)
     rows: list[Uploaded] = []
     clients: dict[tuple[str, str], Any] = {}
+    conflicts: list[str] = []
     for path in progress(show=len(journals) >= 5, iterable=journals, desc="sync", unit="trial"):
-        rows += _sync_journal(path, root, tracking_uri, only_uri, clients, print_fn)
+        rows += _sync_journal(path, root, tracking_uri, only_uri, clients, print_fn, conflicts)
+    if conflicts:
+        if rows:
+            print_fn(format_rows(rows))
+        raise JournalError(f"{'; '.join(conflicts)}; {len(rows)} other run(s) synced")
     return rows
 
 
+class ParamConflict(Exception):
+    """A segment whose run already holds other values for some of its params."""
+
+
+# --- what a journal may point at --------------------------------------------------------------------
+def _pending(records: list[Record], only_uri: str | None) -> list[Record]:
+    return [rec for seg in segments(records) if only_uri is None or seg.start.data["tracking_uri"] == only_uri
+            for rec in seg.pending()]
+
+
+def _named_paths(rec: Record) -> list[tuple[str, str]]:
+    """(what, path) for every path a record names."""
+    if rec.kind == "artifact":
+        return [("artifact", rec.data["path"])]
+    if rec.kind == "model":
+        return [("model folder", rec.data["model_dir"])] + ([("plot", rec.data["plot"])] if rec.data.get("plot") else [])
+    return []
+
+
+def _confine(path: Path, base: Path, where: str) -> Path:
+    """``path`` resolved (links followed; a relative one taken from ``base``), refused unless
+    it lies inside ``base`` (itself resolved)."""
+    resolved = (base / path).resolve()
+    if not resolved.is_relative_to(base):
+        raise JournalError(f"{where} lies outside the trial's folder {base} (it resolves to {resolved}): "
+                           "refused, nothing was synced")
+    return resolved
+
+
+def _confine_tree(folder: Path, base: Path, where: str) -> None:
+    """``folder`` and everything under it (what an upload of the folder would read)."""
+    folder = _confine(folder, base, where)
+    if folder.is_dir():
+        for p in sorted(folder.rglob("*")):
+            _confine(p, base, f"{where}: {p.relative_to(folder)}")
+
+
+def check_paths(journal: Path, root: Path, only_uri: str | None = None) -> None:
+    """Every path the journal's pending records name (and ``logs/``) stays inside the trial's
+    folder, the journal's own, which stays inside ``root``; :class:`JournalError` otherwise."""
+    base, top = journal.parent.resolve(), root.resolve()
+    if not base.is_relative_to(top):
+        raise JournalError(f"{journal}: the trial's folder resolves to {base}, outside {root}: refused, nothing was synced")
+    records, _ = read_journal(journal)
+    for rec in _pending(records, only_uri):
+        for what, raw in _named_paths(rec):
+            if not isinstance(raw, str) or not raw or "\x00" in raw:
+                raise JournalError(f"{journal} line {rec.line}: {what} {raw!r} is not a path: refused, nothing was synced")
+            _confine_tree(Path(raw), base, f"{journal} line {rec.line}: {what} {raw}")
+    _confine_tree(journal.parent / "logs", base, f"{journal}: logs/")
+
+
+def _resolved(rec: Record, base: Path) -> Record:
+    """The record with its paths resolved as :func:`check_paths` checked them: what is uploaded
+    is what was checked, whatever the working directory."""
+    data = dict(rec.data)
+    for key in ("path", "model_dir", "plot"):
+        if rec.kind in ("artifact", "model") and isinstance(data.get(key), str) and data[key]:
+            data[key] = str((base / data[key]).resolve())
+    return replace(rec, data=data)
+
+
 def _sync_journal(path: Path, root: Path, tracking_uri: str | None, only_uri: str | None,
-                  clients: dict, print_fn) -> list[Uploaded]:
+                  clients: dict, print_fn, conflicts: list[str]) -> list[Uploaded]:
     folder = str(path.parent.relative_to(root)) if path.parent != root else "."
     journal = Journal(path.parent)
     try:
@@ -77,7 +153,10 @@ def _sync_journal(path: Path, root: Path, tracking_uri: str | None, only_uri: st
         for seg in segments(records):
             uri = tracking_uri or seg.start.data["tracking_uri"]
             if seg.pending() and (only_uri is None or seg.start.data["tracking_uri"] == only_uri):
-                rows.append(_sync_segment(journal, seg, folder, uri, clients))
+                try:
+                    rows.append(_sync_segment(journal, seg, folder, uri, clients))
+                except ParamConflict as err:
+                    conflicts.append(str(err))
         return rows
     finally:
         journal.close()
@@ -134,7 +213,11 @@ def _sync_segment(journal: Journal, seg: Segment, folder: str, uri: str, clients
     row = Uploaded(folder=folder, run_name=seg.start.data["run_name"])
     run_id = _find_run(journal, seg, client, exp_id)
     row.run_id = run_id
-    for rec in seg.pending():
+    pending = seg.pending()
+    if seg.start in pending:
+        _check_params(client, run_id, seg, journal.path)
+    base = journal.path.parent.resolve()
+    for rec in [_resolved(r, base) for r in pending]:
         if rec.kind == "register":
             row.registered, note = _register(client, rec, run_id)
         elif rec.kind in APPLY:
@@ -155,6 +238,22 @@ def _sync_segment(journal: Journal, seg: Segment, folder: str, uri: str, clients
     row.status = client.get_run(run_id).info.status
     journal.append("synced", key=seg.key, upto=seg.last_seq, notes=row.notes)
     return row
+
+
+def _check_params(client, run_id: str, seg: Segment, journal: Path) -> None:
+    """MLflow refuses to change a logged param: a run holding other values than the segment's
+    (its trial folder rewritten after an earlier sync) is named, with the keys, and left alone."""
+    from pipeline import registry
+
+    held = client.get_run(run_id).data.params
+    new = registry.param_values(seg.start.data.get("params") or {})
+    differing = sorted(k for k, v in new.items() if k in held and held[k] != v)
+    if differing:
+        shown = ", ".join(f"{k} {held[k]!r} -> {new[k]!r}" for k in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise ParamConflict(f"run {run_id} already holds other params than {journal} (line {seg.start.line}): "
+                            f"{shown}{more}; that trial was not synced (its folder was rewritten after an earlier "
+                            "sync? sync it into another store or experiment)")
 
 
 def _register(client, rec: Record, run_id: str) -> tuple[str, str | None]:
@@ -222,12 +321,17 @@ def register_best(cfg: Config, best: dict[str, Any], description: str, plot: Pat
             client.log_artifact(best["run_id"], str(plot), artifact_path="search")
         return version
     except Exception as err:  # noqa: BLE001 - whatever stopped it, the journal keeps the registration
-        journal = Journal(Path(best["model_dir"]).parent).open()
+        trial = Path(best["model_dir"]).parent
+        journal = Journal(trial).open()
         try:
             journal.append("register", model_name=name, alias=registry.CHALLENGER, metrics=metrics,
                            description=description)
             if plot is not None:
-                journal.append("artifact", path=str(plot), folder="search")
+                # sync uploads only what lies in the trial's folder: a copy of the search's plot
+                kept = trial / "search" / Path(plot).name
+                kept.parent.mkdir(exist_ok=True)
+                shutil.copy2(plot, kept)
+                journal.append("artifact", path=str(kept), folder="search")
         finally:
             journal.close()
         print(f"[prunepipe] MLflow store {cfg.registry.tracking_uri} unreachable ({registry.first_line(err, 160)}): "

@@ -32,7 +32,10 @@ class ExportError(PrunepipeError, RuntimeError):
 def export_onnx(model: nn.Module, image_size: int, path: str | Path) -> Path:
     """``model`` (eval mode, CPU) → an ONNX file with a dynamic batch axis."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder should be, no permission: one line, naming it
+        raise ExportError(f"{path.parent}: cannot create the output folder ({err.strerror})") from None
     model = model.eval().cpu()
     with warnings.catch_warnings():
         # The TorchScript-based exporter (dynamo=False): the torch.export-based default needs

@@ -12,7 +12,9 @@ Crash safety, by construction:
   the next one starts;
 * a crash in the middle of a write leaves at most one torn last line: the reader reports it
   and skips it, and the next writer first ends it with a newline so the torn bytes can never
-  run into a later record;
+  run into a later record, then writes a ``torn`` record naming that line, so it stays
+  reported and skipped once it has a line end (even when its bytes happen to be a whole record:
+  the crash came before its newline, and a record is only written when it is whole);
 * one writer at a time: the writer holds an exclusive ``flock`` on the file (the kernel drops
   it when the process dies, even on SIGKILL), so ``sync`` never replays a trial that is still
   running.
@@ -80,8 +82,8 @@ class Segment:
 
 
 # about the journal itself, never replayed: the run a segment is bound to, how far it is
-# synced, bad lines already reported
-BOOKKEEPING = ("run", "synced", "skipped")
+# synced, bad lines already reported, a line a writer found torn
+BOOKKEEPING = ("run", "synced", "skipped", "torn")
 
 
 def read_journal(path: str | Path) -> tuple[list[Record], list[tuple[int, str]]]:
@@ -109,7 +111,12 @@ def read_journal(path: str | Path) -> tuple[list[Record], list[tuple[int, str]]]
         seq, kind, t = obj.pop("seq"), obj.pop("kind"), float(obj.pop("t", 0.0))
         obj.pop("v", None)
         records.append(Record(seq=seq, kind=kind, t=t, data=obj, line=i))
-    return records, problems
+    torn = {r.data.get("line") for r in records if r.kind == "torn"}
+    for r in [r for r in records if r.line in torn]:
+        records.remove(r)
+        problems.append((r.line, f"{path}: line {r.line}: a truncated or corrupt record (a crash mid-write?): "
+                                 "skipped (it had no line end)"))
+    return records, sorted(problems)
 
 
 def segments(records: list[Record]) -> list[Segment]:
@@ -161,12 +168,22 @@ class Journal:
                                        "or a sync)") from None
                 time.sleep(0.2)
         self._fd = fd
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            self._write(b"\n")  # a torn last record stays on a line of its own
+        torn = self._end_torn_line()
         records, _ = read_journal(self.path)
         self._seq = max((r.seq for r in records), default=-1) + 1
+        if torn:
+            self.append("torn", line=torn)
         return self
+
+    def _end_torn_line(self) -> int | None:
+        """End a last line that has no newline (a crash mid-write) and return its number."""
+        size = os.fstat(self._fd).st_size
+        if not size or os.pread(self._fd, 1, size - 1) == b"\n":
+            return None
+        with open(self.path, "rb") as f:
+            line = f.read().count(b"\n") + 1
+        self._write(b"\n")  # a torn last record stays on a line of its own
+        return line
 
     @property
     def is_open(self) -> bool:

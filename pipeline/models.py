@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.config import ARCHS, ConfigError
 from pipeline.errors import PrunepipeError
+from pipeline.weights_header import Layout, check_header
 
 # ImageNet-21k has 21,841 classes; a class count far beyond that is a doctored manifest or spec,
 # and its classifier alone would take gigabytes (2048 x 1e9 floats).
@@ -35,8 +36,14 @@ def build_model(arch: str, num_classes: int, weights: str | Path | None = None) 
                           f"a model needs 2..{MAX_CLASSES} classes")
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, arch)
     return model
+
+
+def weights_layout(model: nn.Module, arch: str) -> Layout:
+    """What ``model.weights`` may hold for ``model``: its tensors, the classifier with any class
+    count (ImageNet weights for a 10-class model), never more than :data:`MAX_CLASSES` rows."""
+    return Layout(model.state_dict(), arch, WeightsError, resizable="fc.", max_rows=MAX_CLASSES)
 
 
 def check_weights_path(path: str | Path, what: str = "model.weights") -> None:
@@ -52,13 +59,17 @@ def _check_path(path: Path, what: str) -> None:
         raise WeightsError(f"{what}: {str(path)!r} is empty")
 
 
-def read_safetensors(path: str | Path, what: str = "model.weights") -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | Path, what: str = "model.weights", layout: Layout | None = None) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file's tensors; anything else (text, a pickle, a sparse or truncated
-    file) is a one-line WeightsError naming ``what``, and so is a NaN or infinite value."""
+    file) is a one-line WeightsError naming ``what``, and so is a NaN or infinite value. With
+    ``layout``, the header's every tensor is checked against it before any data is read: a
+    header is free to claim gigabytes, and a reader would allocate them."""
     from safetensors.torch import load_file
 
     path = Path(path)
     _check_path(path, what)
+    if layout is not None:
+        check_header(path, layout, what)
     try:
         state = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a safetensors file"
@@ -75,13 +86,14 @@ def check_finite(state: dict[str, torch.Tensor], path: Path, what: str) -> None:
             raise WeightsError(f"{what}: {str(path)!r} has NaN or infinite values in {key}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict in a local weights file: ``.safetensors``, or a plain ``.pt``/``.pth``
-    read with ``torch.load(weights_only=True)`` (which refuses any pickled object that is not a
-    tensor or a container; that refusal is the point). One-line WeightsError otherwise."""
+def read_state_dict(path: str | Path, layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in a local weights file: ``.safetensors`` (its header checked against
+    ``layout`` first, when given), or a plain ``.pt``/``.pth`` read with
+    ``torch.load(weights_only=True)`` (which refuses any pickled object that is not a tensor or a
+    container; that refusal is the point). One-line WeightsError otherwise."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, layout=layout)
     _check_path(path, "model.weights")
     try:
         with warnings.catch_warnings():
@@ -102,8 +114,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    state = read_state_dict(path)
+def load_weights(model: nn.Module, path: str | Path, arch: str = "the model") -> None:
+    state = read_state_dict(path, weights_layout(model, arch))
     own = model.state_dict()
     head = [k for k in state if k.startswith("fc.")]
     if head and any(k in own and own[k].shape != state[k].shape for k in head):

@@ -27,7 +27,8 @@ PRUNED_ARTIFACT = "pruned"  # the artifact key (and folder) of spec.json + model
 MODEL_NAME = "model"  # the logged model's name inside its run
 CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")
 # what the code file imports at load time: copied into the model so a serving host needs no prunepipe
-CODE_MODULES = ("__init__.py", "config.py", "models.py", "spec.py", "pyfunc_model.py")
+CODE_MODULES = ("__init__.py", "errors.py", "textfiles.py", "config.py", "weights_header.py", "models.py", "spec.py",
+                "pyfunc_model.py")
 # the distributions the loader imports, pinned to the versions it was logged with
 REQUIREMENTS = ("torch", "torchvision", "safetensors", "numpy", "pydantic", "pyyaml", "mlflow")
 

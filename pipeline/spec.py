@@ -20,6 +20,7 @@ from pipeline.config import ARCHS
 from pipeline.errors import PrunepipeError
 from pipeline.models import MAX_CLASSES, build_model, read_safetensors
 from pipeline.textfiles import read_text_file, write_atomically
+from pipeline.weights_header import Layout, check_header
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -164,19 +165,27 @@ def read_spec(folder: str | Path) -> dict[str, Any]:
 
 
 def load_pruned(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a pruned model from its folder; returns ``(model in eval mode, spec)``."""
+    """Rebuild a pruned model from its folder; returns ``(model in eval mode, spec)``.
+
+    Nothing is allocated before the weights file is known to fit the spec: the spec is
+    validated, its state dict's shapes are taken from the architecture built on the meta
+    device, and the file's size and safetensors header are compared with them."""
     folder = Path(folder)
     spec = read_spec(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise SpecError(f"{str(folder)!r} is not a pruned model: {WEIGHTS_FILE} is missing")
-    model = build_from_spec(spec)
-    # a sparse or padded file would be read in full before its shapes are compared: its size
-    # must fit the spec's tensors (float32 at most, plus the header) first
-    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    validate_spec(spec)
+    with torch.device("meta"):
+        expected = _assemble(spec).state_dict()
+    check_header(weights, Layout(expected, "its spec", SpecError), "pruned model")
+    # a padded (or sparse) file would still be mapped in full: its size must fit the spec's
+    # tensors (float32 at most, plus the header) too
+    need = sum(t.numel() * t.element_size() for t in expected.values())
     if weights.stat().st_size > need + MAX_SPEC_BYTES:
         raise SpecError(f"{str(weights)!r} is {weights.stat().st_size} bytes; its spec's tensors take {need}")
-    state = read_safetensors(weights, str(weights))
+    state = read_safetensors(weights, "pruned model")
+    model = _assemble(spec)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -13,6 +13,7 @@ replaced by a guess: a silently wrong label is worse than a missing sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.data.manifest import DatasetError
 
@@ -52,6 +53,20 @@ class BadSampleLog:
         new = self.records[self._taken:]
         self._taken = len(self.records)
         return new
+
+
+def truncated_warning(shards: list[dict[str, Any]], split: str) -> str | None:
+    """One line about the samples a split's truncated shards lost (found when the dataset is
+    verified, before any step), or None: otherwise they are only counted at the epoch's end."""
+    cut = [s for s in shards if s["count"] > s.get("readable", s["count"])]
+    if not cut:
+        return None
+    lost = sum(s["count"] - s.get("readable", s["count"]) for s in cut)
+    total = sum(s["count"] for s in shards)
+    first = cut[0]
+    return (f"[prunepipe] warning: {len(cut)} {split} shard(s) truncated (first: {first['path']}: "
+            f"{first.get('problem') or 'truncated'}): {lost} of {total} {split} samples cannot be read "
+            f"and are skipped every epoch (data.on_error=skip)")
 
 
 def parse_label(raw: bytes | None, num_classes: int) -> tuple[int | None, str | None]:

@@ -76,8 +76,23 @@ def sample_key(name: str) -> str:
 
 
 def find_classes(train_dir: Path) -> list[str]:
-    """Sorted names of the sub-folders of ``train/``: torchvision's ``find_classes`` rule."""
-    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    """Sorted names of the sub-folders of ``train/``: torchvision's ``find_classes`` rule.
+
+    A name that is not UTF-8 is refused: Python hands it over with lone surrogates, which
+    ``classes.json`` and ``dataset.json`` would carry and other JSON readers reject."""
+    names = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    for name in names:
+        _check_utf8(train_dir, name)
+    return names
+
+
+def _check_utf8(folder: Path, name: str) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+        raise DatasetError(f"class folder {folder.name}/{shown} in {folder.parent}: its name is not UTF-8; "
+                           "rename it (class names go into classes.json and dataset.json)") from None
 
 
 def _images_under(folder: Path, src: Path) -> tuple[list[tuple[str, int]], int]:
@@ -135,8 +150,8 @@ def read_meta_mat(path: Path) -> dict[int, str]:
 def labels_from_ground_truth(gt: Path, meta: Path, keys: list[str]) -> dict[str, str]:
     """Val key → wnid: line *n* of the ground truth labels ``ILSVRC2012_val_<n>``.
 
-    The number is read from the file name rather than taken from the sorted position, which is
-    the same for the full set and stays right for a subset of the val images.
+    The number is read from the file name rather than taken from the sorted position (the
+    same for the full set); the file has one line per val image, no fewer and no more.
     """
     lines = _read_text(gt, "--val-labels").split()
     if not all(x.isdigit() for x in lines):
@@ -155,6 +170,9 @@ def labels_from_ground_truth(gt: Path, meta: Path, keys: list[str]) -> dict[str,
         if ilsvrc_id not in id_to_wnid:
             raise DatasetError(f"--val-labels {gt} line {n}: ILSVRC2012_ID {ilsvrc_id} is not in {meta}")
         labels[key] = id_to_wnid[ilsvrc_id]
+    if len(lines) > len(keys):  # the other way round than "no label for val image": lines left over
+        raise DatasetError(f"--val-labels {gt}: has {len(lines)} lines, val/ holds {len(keys)} images: "
+                           f"{len(lines) - len(keys)} labels for images that are not there")
     return labels
 
 
@@ -232,6 +250,8 @@ def scan_source(src: Path, val_labels: Path | None = None, devkit: Path | None =
     _check_unique(train, "train")
 
     subdirs = sorted(e.name for e in os.scandir(val_dir) if e.is_dir())
+    for name in subdirs:
+        _check_utf8(val_dir, name)
     loose = [e.name for e in os.scandir(val_dir) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
     if subdirs and loose:
         raise DatasetError(f"--src {src}: val/ is ambiguous: it holds {len(subdirs)} folders and "

@@ -339,6 +339,10 @@ def _webdataset_loader(
     manifest = read_manifest(root)
     errors = BadSampleLog(cfg.on_error)
     record_truncated(manifest["splits"][split], errors)
+    from pipeline.data.errors import truncated_warning
+
+    if rank == 0 and (warning := truncated_warning(manifest["splits"][split], split)):
+        print(warning, flush=True)  # found now, before any step: not only counted at the epoch's end
     dataset = ShardedSamples(
         root,
         manifest["splits"][split],

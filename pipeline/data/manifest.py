@@ -138,6 +138,8 @@ def verify_shard(root: Path, shard: dict[str, Any]) -> dict[str, Any]:
         readable = found = len(entries)
         if problem is not None:
             found = shard["count"]  # a broken tar cannot prove the manifest wrong
+    if size == 0 and problem is not None:
+        problem = "the tar is empty (0 bytes)"
     if found != shard["count"]:
         raise DatasetError(
             f"{MANIFEST}: shard {shard['path']} is declared with {shard['count']} samples but holds {found}: "
