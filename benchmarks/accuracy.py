@@ -3,7 +3,7 @@
     python benchmarks/accuracy.py                      # the full protocol (make bench-accuracy)
     python benchmarks/accuracy.py --seeds 0 --methods l1 sfp --targets 0.5   # a quick look
 
-Protocol (issue "All five seed methods..."), on scikit-learn's real handwritten digits (32×32):
+Protocol, on scikit-learn's real handwritten digits (32×32):
 - a dense ResNet-18 trained once to a baseline (``--baseline-epochs``), then pruned by every
   method to the same MACs reductions (``--targets``, default 50 % and 75 %). Uniform-rate and
   learned methods get the uniform ratio whose kept widths give that reduction; ``lossvar``

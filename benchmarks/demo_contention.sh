@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo's search twice, alone and then beside a CPU hog (one busy loop per core), each into its
-# own folder and MLflow store; prints both tables (issue 8: the alone run's speed-ups must be > 1,
+# own folder and MLflow store; prints both tables (the goal: the alone run's speed-ups must be > 1,
 # the contended run must agree within its spread or mark its rows unreliable).
 #   bash benchmarks/demo_contention.sh [OUT]        # OUT defaults to /tmp/prunepipe-contention
 # Makes the digits first if missing. Run it with nothing else on the machine.

@@ -20,14 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DEMO, ROOT
-from tests.helpers.procs import free_port
+from tests.helpers.procs import free_port, http_ok, wait_for
 from tests.test_cluster import BIN, run_env
 
 pytestmark = pytest.mark.ray
@@ -38,17 +37,6 @@ def pg_bindir() -> Path | None:
         return None
     out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()
     return Path(out) if out and (Path(out) / "initdb").is_file() and (Path(out) / "pg_ctl").is_file() else None
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode} (see its log in tmp_path)")
-        if check():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not ready after {timeout:.0f} s")
 
 
 def stop_groups(procs: list[subprocess.Popen]) -> None:
@@ -70,14 +58,6 @@ def stop_groups(procs: list[subprocess.Popen]) -> None:
             pass  # the group is gone: nothing left over
         if p.poll() is None:
             p.wait(timeout=10)
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def cluster_env(**extra: str) -> dict[str, str]:

@@ -12,8 +12,7 @@ from launch.cli import main
 from pipeline import registry
 from pipeline.promote import promote
 from tests.conftest import DEMO
-from tests.helpers.factories import sqlite_store
-from tests.test_registry import _logged_model, macs_timer
+from tests.helpers.factories import logged_pruned_model, macs_timer, sqlite_store
 
 
 @pytest.fixture()
@@ -30,7 +29,7 @@ def champion_store(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.promote, "compare", compare_on_the_macs_clock)
     cfg = sqlite_store(tmp_path)
     client = registry.connect(cfg)
-    run, _ = _logged_model(tmp_path, 0.3, 0.90, "champ")
+    run, _ = logged_pruned_model(tmp_path, 0.3, 0.90, "champ")
     v = registry.register(client, "m", run, {"val_top1": 0.90})
     assert promote("m", cfg.tracking_uri, tolerance=0.0, timer=macs_timer()).promoted
     assert int(client.get_model_version_by_alias("m", "champion").version) == v
@@ -52,7 +51,7 @@ def test_promote_command_tolerance_boundary_and_slower_challenger(tmp_path, cham
     uri, client = champion_store
     champ = _champion(client)
     # faster (60 % pruned) but 0.0101 below the champion
-    run, _ = _logged_model(tmp_path, 0.6, 0.8899, "close")
+    run, _ = logged_pruned_model(tmp_path, 0.6, 0.8899, "close")
     close = registry.register(client, "m", run, {"val_top1": 0.8899})
 
     code, out, _ = _cli(capsys, "m", "--tracking-uri", uri)  # default tolerance 0.005
@@ -71,7 +70,7 @@ def test_promote_command_tolerance_boundary_and_slower_challenger(tmp_path, cham
     assert _champion(client) == close
 
     # more accurate, but slower than the new champion (only 30 % pruned): refused, champion stays
-    run, _ = _logged_model(tmp_path, 0.3, 0.95, "slow")
+    run, _ = logged_pruned_model(tmp_path, 0.3, 0.95, "slow")
     registry.register(client, "m", run, {"val_top1": 0.95})
     code, out, _ = _cli(capsys, "m", "--tracking-uri", uri, "--tolerance", "0.01")
     assert code == 0 and "not measured faster than champion" in out, out

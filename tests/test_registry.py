@@ -8,31 +8,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import torchvision
 
-from methods import keep_count
 from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.promote import promote
-from pipeline.spec import load_pruned, make_spec, save_pruned
-from pipeline.surgery import apply_masks, filter_norms, find_groups, prune_model, structured_topk
+from pipeline.spec import load_pruned
 from tests.conftest import ROOT
-
-
-def _logged_model(tmp_path, ratio, top1, name):
-    """A real pruned resnet50 (ratio of inner channels removed), logged as a run's model/ folder."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).eval()
-    if ratio > 0:
-        groups = find_groups(model, 64, "inner")
-        masks = {g.name: structured_topk(filter_norms(model, g), keep_count(g.size, ratio), 1) for g in groups}
-        apply_masks(model, groups, masks)
-        prune_model(model, groups, masks, 64)
-    folder = save_pruned(model, tmp_path / name, make_spec(model, "resnet50", 10, image_size=64))
-    with mlflow.start_run(run_name=name) as run:
-        mlflow.log_artifacts(str(folder), artifact_path="model")
-        mlflow.log_metric("val_top1", top1)
-    return run.info.run_id, model
+from tests.helpers.factories import logged_pruned_model, macs_timer
 
 
 @pytest.fixture()
@@ -43,27 +25,10 @@ def store(tmp_path):
     mlflow.end_run()
 
 
-def macs_timer(noise=None):
-    """A deterministic clock: a forward pass 'takes' time in proportion to the model's MACs, so
-    promotion decisions are tested without depending on this machine's speed or load."""
-    import random
-
-    from pipeline.measure import count_macs
-
-    cache, rng = {}, random.Random(0)
-
-    def timer(model, x):
-        if id(model) not in cache:  # the model is kept: a freed model's id can be reused by the next one
-            cache[id(model)] = (model, count_macs(model, x.shape[-1]) * 1e-9)
-        return cache[id(model)][1] * (noise(rng) if noise else 1.0)
-
-    return timer
-
-
 def test_register_alias_load_and_promote(tmp_path, store):
     cfg, client = store
     uri = cfg.tracking_uri
-    dense_run, dense = _logged_model(tmp_path, 0.0, 0.90, "dense")
+    dense_run, dense = logged_pruned_model(tmp_path, 0.0, 0.90, "dense")
     v1 = registry.register(client, "m", dense_run, {"val_top1": 0.90, "img_s": 100.0})
     assert int(client.get_model_version_by_alias("m", "challenger").version) == v1
     # loading by alias rebuilds the exact model from spec + safetensors
@@ -85,7 +50,7 @@ def test_register_alias_load_and_promote(tmp_path, store):
     assert not first.promoted and "not measured faster than the dense" in first.message
     assert registry.version_by_alias(client, "m", "champion") is None
 
-    small_run, _ = _logged_model(tmp_path, 0.3, 0.90, "small")
+    small_run, _ = logged_pruned_model(tmp_path, 0.3, 0.90, "small")
     v2 = registry.register(client, "m", small_run, {"val_top1": 0.90})
     first = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert first.promoted, first.message
@@ -93,27 +58,27 @@ def test_register_alias_load_and_promote(tmp_path, store):
     assert not promote("m", uri, tolerance=0.01, timer=macs_timer()).promoted  # already champion
 
     # less accurate than the champion beyond the tolerance: refused, and the reason says so
-    worse_run, _ = _logged_model(tmp_path, 0.6, 0.80, "worse")
+    worse_run, _ = logged_pruned_model(tmp_path, 0.6, 0.80, "worse")
     registry.register(client, "m", worse_run, {"val_top1": 0.80})
     d = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert not d.promoted and "below champion" in d.message
 
     # exactly at the tolerance boundary (0.89 = 0.90 - 0.01) and smaller: promoted
-    good_run, _ = _logged_model(tmp_path, 0.6, 0.89, "good")
+    good_run, _ = logged_pruned_model(tmp_path, 0.6, 0.89, "good")
     v4 = registry.register(client, "m", good_run, {"val_top1": 0.89})
     d = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert d.promoted, d.message
     assert int(client.get_model_version_by_alias("m", "champion").version) == v4
 
     # more accurate but slower (fewer channels removed than the champion): refused
-    slow_run, _ = _logged_model(tmp_path, 0.3, 0.95, "slow")
+    slow_run, _ = logged_pruned_model(tmp_path, 0.3, 0.95, "slow")
     registry.register(client, "m", slow_run, {"val_top1": 0.95})
     d = promote("m", uri, tolerance=0.01, timer=macs_timer())
     assert not d.promoted and "not measured faster than champion" in d.message
     assert int(client.get_model_version_by_alias("m", "champion").version) == v4
 
     # faster, but the clock is too noisy to tell: refused, never promoted on a guess
-    fast_run, _ = _logged_model(tmp_path, 0.7, 0.95, "fast")
+    fast_run, _ = logged_pruned_model(tmp_path, 0.7, 0.95, "fast")
     registry.register(client, "m", fast_run, {"val_top1": 0.95})
     d = promote("m", uri, tolerance=0.01, timer=macs_timer(noise=lambda r: r.uniform(0.2, 5.0)))
     assert not d.promoted and "too noisy" in d.message

@@ -24,9 +24,8 @@ from pipeline import registry
 from pipeline.config import RegistryConfig
 from pipeline.journal import JOURNAL, Journal, read_journal, segments
 from tests.conftest import ROOT
-from tests.helpers.procs import free_port
+from tests.helpers.procs import free_port, http_ok, wait_for
 from tests.test_cluster import BIN
-from tests.test_cluster_ray import http_ok, wait_for
 
 DEMO = ROOT / "configs" / "demo.yaml"
 TINY = ("data.backend=synthetic", "data.image_size=16", "data.synthetic_samples=64", "data.batch_size=32",

@@ -98,3 +98,37 @@ def demo_config(tmp_path: Path, *overrides: str, store: bool = False) -> Config:
 def sqlite_store(folder: Path, experiment: str = "t", model_name: str = "m") -> RegistryConfig:
     """A registry section for a fresh SQLite MLflow store in ``folder``."""
     return RegistryConfig(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", experiment=experiment, model_name=model_name)
+
+
+def logged_pruned_model(tmp_path: Path, ratio: float, top1: float, name: str) -> tuple[str, nn.Module]:
+    """A seeded resnet50 at 64² with ``ratio`` of its inner channels cut (dense at 0), logged as
+    the ``model/`` folder of an MLflow run named ``name`` with metric ``val_top1``; (run id, model)."""
+    import mlflow
+
+    if ratio > 0:
+        model = pruned_model(ratio, "resnet50", 64)
+    else:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(num_classes=10).eval()
+    folder = save_pruned(model, tmp_path / name, make_spec(model, "resnet50", 10, image_size=64))
+    with mlflow.start_run(run_name=name) as run:
+        mlflow.log_artifacts(str(folder), artifact_path="model")
+        mlflow.log_metric("val_top1", top1)
+    return run.info.run_id, model
+
+
+def macs_timer(noise=None):
+    """A deterministic clock: a forward pass 'takes' time in proportion to the model's MACs, so
+    decisions on measured speed are tested without depending on this machine's speed or load."""
+    import random
+
+    from pipeline.measure import count_macs
+
+    cache, rng = {}, random.Random(0)
+
+    def timer(model, x):
+        if id(model) not in cache:  # the model is kept: a freed model's id can be reused by the next one
+            cache[id(model)] = (model, count_macs(model, x.shape[-1]) * 1e-9)
+        return cache[id(model)][1] * (noise(rng) if noise else 1.0)
+
+    return timer

@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,22 @@ def torchrun(*args: str, cwd: Path, timeout: float = 600, nproc: int = 2, **env:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd), **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return run_tree(cmd, timeout=timeout, cwd=cwd, env=env)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode} (see its log in tmp_path)")
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
