@@ -48,7 +48,7 @@ from torchvision.transforms import v2 as T
 
 from pipeline.config import DataConfig
 from pipeline.data.contract import BatchLoader
-from pipeline.data.errors import BadSample, BadSampleLog, parse_label
+from pipeline.data.errors import BadSample, BadSampleLog, parse_label, truncated_warning
 from pipeline.data.manifest import read_manifest
 from pipeline.data.shards import IndexEntry, index_path, iter_members, read_index, scan_tar
 from pipeline.errors import PrunepipeError
@@ -338,11 +338,7 @@ def _webdataset_loader(
     root = Path(cfg.root)
     manifest = read_manifest(root)
     errors = BadSampleLog(cfg.on_error)
-    record_truncated(manifest["splits"][split], errors)
-    from pipeline.data.errors import truncated_warning
-
-    if rank == 0 and (warning := truncated_warning(manifest["splits"][split], split)):
-        print(warning, flush=True)  # found now, before any step: not only counted at the epoch's end
+    record_truncated(manifest["splits"][split], errors, split, announce=rank == 0)
     dataset = ShardedSamples(
         root,
         manifest["splits"][split],
@@ -370,8 +366,12 @@ def _webdataset_loader(
     return WebDatasetLoader(dl, dataset, device, errors, cfg.max_bad_fraction, channels_last=channels_last, name=split)
 
 
-def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog) -> None:
-    """Samples a truncated shard lost are bad data: counted under ``skip``, an error under ``fail``."""
+def record_truncated(shards: list[dict[str, Any]], errors: BadSampleLog, split: str = "train",
+                     announce: bool = False) -> None:
+    """Samples a truncated shard lost are bad data: counted under ``skip``, an error under ``fail``.
+    ``announce``: also say so now, in one line, before any step (not only in the epoch's count)."""
+    if announce and (warning := truncated_warning(shards, split)):
+        print(warning, flush=True)
     for shard in shards:
         lost = shard["count"] - shard.get("readable", shard["count"])
         if lost > 0:
