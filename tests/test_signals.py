@@ -22,8 +22,10 @@ SCRIPT = textwrap.dedent("""
     never = threading.Event()
     with bounded_exit(grace_s=float(sys.argv[1])):
         threading.Thread(target=never.wait, name="stuck-worker").start()
-        print("ready", flush=True)
         try:
+            # "ready" inside the try: a signal the test sends the moment it reads the line may
+            # be handled as print returns, and must land where the cleanup is
+            print("ready", flush=True)
             time.sleep(120)
         except BaseException:
             print("cleanup", flush=True)
