@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from methods import Method, get_method_class, method_names
+from methods import Allocator, Method, allocator_names, get_allocator_class, get_method_class, method_names
 from pipeline.config import Config, ConfigError, format_error, sampler_values
 from pipeline.models import check_weights_path
 
@@ -49,6 +49,7 @@ def check_config(cfg: Config, for_search: bool = False) -> Config:
     Raises :class:`ConfigError` naming the key, before any work."""
     trial_epochs(cfg, method_class(cfg.prune.method, "prune.method"))
     _check_scopes(cfg, for_search)
+    _check_allocators(cfg, for_search)
     if cfg.model.weights is not None:
         check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
     for name, options in cfg.prune.options.items():
@@ -82,3 +83,38 @@ def _check_scopes(cfg: Config, for_search: bool) -> None:
             if scope not in allowed:
                 raise ConfigError(f"{where}prune.method = {name} works with prune.scope = {' or '.join(allowed)}, "
                                   f"not {scope}")
+
+
+def allocator_class(name: str, key: str) -> type[Allocator]:
+    try:
+        return get_allocator_class(name)
+    except KeyError:
+        raise ConfigError(f"{key}: unknown width allocator {name!r}; allowed: {', '.join(allocator_names())}") from None
+
+
+def allocator_for(cfg: Config, method_cls: type[Method]) -> type[Allocator]:
+    """The allocator a trial of ``method_cls`` runs: ``prune.allocate``, or the method's default."""
+    name = cfg.prune.allocate or method_cls.default_allocator
+    return allocator_class(name, "prune.allocate")
+
+
+def _check_allocators(cfg: Config, for_search: bool) -> None:
+    """Every method the trial (or the search) may run can fill every allocator it may be given,
+    and ``prune.allocator_options`` suit each of those allocators."""
+    space = cfg.search.space if for_search else {}
+    methods = (sampler_values(space["prune.method"]) or []) if "prune.method" in space else [cfg.prune.method]
+    drawn = (sampler_values(space["prune.allocate"]) or []) if "prune.allocate" in space else [cfg.prune.allocate]
+    where = "search.space: " if "prune.method" in space or "prune.allocate" in space else ""
+    for name in methods:
+        cls = method_class(name, "prune.method")
+        for wanted in drawn:
+            key = "search.space: prune.allocate" if "prune.allocate" in space else "prune.allocate"
+            allocator = allocator_class(wanted or cls.default_allocator, key)
+            if allocator.name not in cls.allocators:
+                raise ConfigError(f"{where}prune.method = {name} works with prune.allocate = {' or '.join(cls.allocators)}, "
+                                  f"not {allocator.name}")
+            if cfg.prune.allocator_options:
+                try:
+                    allocator.Options(**cfg.prune.allocator_options)
+                except ValidationError as err:
+                    raise ConfigError(format_error(err, prefix="prune.allocator_options.")) from None

@@ -28,7 +28,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from launch.checks import check_config, method_class, trial_epochs
+from launch.checks import allocator_for, check_config, method_class, trial_epochs
 from launch.outputs import (
     CHECKPOINT,
     check_fingerprint,
@@ -36,7 +36,7 @@ from launch.outputs import (
     prepare_output,
 )
 from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
-from methods import Method, SelectContext
+from methods import Budget, Method, SelectContext
 from pipeline.config import Config, ConfigError, config_to_dict, format_error
 from pipeline.data.contract import BatchLoader
 from pipeline.data.loaders import build_loader, calibration_set
@@ -121,6 +121,8 @@ class Trial:
     summary: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] | None = None  # None when resumed after the cut
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] = field(default_factory=dict)  # what the width allocator reports
+    _calib: dict[int, list] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -129,6 +131,18 @@ class Trial:
     @property
     def checkpoint_path(self) -> Path:
         return self.out / CHECKPOINT
+
+    def select_context(self, samples: int) -> SelectContext:
+        """What a decision may use: the rank layout and, when ``samples`` > 0, this rank's share
+        of the fixed calibration set of that size (drawn once per size with the run's seed)."""
+        cfg, info = self.cfg, self.info
+        ctx = SelectContext(info=info, image_size=cfg.data.image_size)
+        if samples:
+            if samples not in self._calib:
+                self._calib[samples] = calibration_set(cfg.data, samples, info.rank, info.world, info.device,
+                                                       seed=cfg.seed)
+            ctx.calib = self._calib[samples]
+        return ctx
 
     def evaluate(self, net: nn.Module | None = None) -> dict[str, float]:
         metrics = evaluate(net if net is not None else self.model, self.val_loader, self.info,
@@ -227,6 +241,19 @@ def build_method(cfg: Config, groups: list[ChannelGroup]) -> Method:
         raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
 
 
+def allocate(trial: Trial) -> None:
+    """Kept channels per group from the width allocator (``prune.allocate``), decided on the
+    model before the pruning phase and given to the method, which fills each group to its count.
+    Deterministic: a trial resumed mid-pruning decides the same again on the same dense model."""
+    cfg, method = trial.cfg, trial.method
+    allocator = allocator_for(cfg, type(method))(cfg.prune.allocator_options or method.allocator_options())
+    ctx = trial.select_context(allocator.calibration_samples())
+    counts = allocator.allocate(trial.model, trial.groups, Budget(cfg.prune.prune_ratio, cfg.prune.round_to), ctx)
+    assert_same_on_all_ranks({k: torch.tensor([v]) for k, v in counts.items()}, trial.info)
+    method.set_counts(counts)
+    trial.allocation = {"allocator": allocator.name, **allocator.summary()}
+
+
 def prune(trial: Trial, resume: Resume) -> None:
     """The pruning phase of a training-aware method (nothing to train for a one-shot one)."""
     method, model = trial.method, trial.model
@@ -249,17 +276,15 @@ def prune(trial: Trial, resume: Resume) -> None:
 def cut(trial: Trial) -> None:
     """Keep-masks (agreed on every rank) → plain architecture → physical removal → fresh BN statistics."""
     cfg, info, method, model = trial.cfg, trial.info, trial.method, trial.model
-    ctx = SelectContext(info=info, image_size=cfg.data.image_size)
-    if method.calibration_samples():
-        ctx.calib = calibration_set(cfg.data, method.calibration_samples(), info.rank, info.world, info.device,
-                                    seed=cfg.seed)
+    ctx = trial.select_context(method.calibration_samples())
     if trial.prune_epochs:
         # the model as the pruning phase left it (SFP: soft-masked, the accuracy its paper reports)
         trial.summary.update({f"masked_{k}": v for k, v in trial.evaluate().items()})
     masks = method.keep_masks(model, ctx)
     assert_same_on_all_ranks(masks, info)
     method.finalize(model, masks)  # back to the plain architecture, constants folded
-    trial.summary.update({f"method_{k}": v for k, v in method.summary().items() if isinstance(v, int | float)})
+    decided = {**method.summary(), **trial.allocation}  # lossvar's δ and probes: its allocator's
+    trial.summary.update({f"method_{k}": v for k, v in decided.items() if isinstance(v, int | float)})
     apply_masks(model, trial.groups, masks)
     prune_model(model, trial.groups, masks, cfg.data.image_size)
     trial.masks = masks
@@ -319,7 +344,7 @@ def save(trial: Trial) -> dict[str, Any]:
     if info.is_main:
         spec = make_spec(model, cfg.model.arch, trial.train_loader.num_classes, image_size=cfg.data.image_size)
         spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)},
-                    method_summary=trial.method.summary())
+                    method_summary={**trial.method.summary(), **trial.allocation})
         save_pruned(model, model_dir, spec)
         plot = None
         if trial.masks is not None:
@@ -354,6 +379,7 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
             resume.restore_cut(trial)
         else:
             trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
+            allocate(trial)
             prune(trial, resume)
             cut(trial)
             measure(trial)

@@ -11,6 +11,7 @@ from methods import lossvar as _lossvar  # noqa: E402,F401
 from methods import norm as _norm  # noqa: E402,F401
 from methods import sfp as _sfp  # noqa: E402,F401
 from methods import tp_peers as _tp_peers  # noqa: E402,F401
+from methods.allocate import Allocator, Budget, allocator_names, get_allocator_class, register_allocator
 from methods.base import (
     Knob,
     Method,
@@ -22,5 +23,6 @@ from methods.base import (
     register_method,
 )
 
-__all__ = ["Knob", "Method", "SelectContext", "budget_knob", "get_method_class", "keep_count", "method_names",
+__all__ = ["Allocator", "Budget", "Knob", "Method", "SelectContext", "allocator_names", "budget_knob",
+           "get_allocator_class", "get_method_class", "keep_count", "method_names", "register_allocator",
            "register_method"]

@@ -1,8 +1,10 @@
 """The method protocol and registry.
 
-A method decides *which* channels to keep; the engine decides how to train and the surgery
-how to cut. Every hook has a no-op default, so a one-shot method only implements
-:meth:`Method.keep_masks` and a training-aware one adds the hooks it needs.
+A method decides *which* channels to keep; a width allocator (methods/allocate.py) decides *how
+many* each group keeps; the engine decides how to train and the surgery how to cut. Every hook
+has a no-op default, so a one-shot method only implements :meth:`Method.scores` (the default
+:meth:`Method.keep_masks` keeps the top-scored ``n_keep`` of every group) and a training-aware
+one adds the hooks it needs.
 
 Masks are ``{group_name: BoolTensor[N]}`` with True = keep, one entry per channel group
 (``pipeline.surgery.ChannelGroup``). Every decision must be identical on every rank: the
@@ -12,7 +14,6 @@ norm-based ones are, because DDP keeps weights identical; batch-dependent ones a
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -123,7 +124,7 @@ class SelectContext:
     image_size: int = 224
 
 
-class Method(ABC):
+class Method:
     """Base class of every pruning method. Subclass, set ``name``, decorate with @register_method.
 
     Life cycle, as the recipe calls it: ``prepare`` (add layers, rescale) → pruning-phase
@@ -136,7 +137,15 @@ class Method(ABC):
     uniform_rate: ClassVar[bool] = True  # False: per-group rates of its own (lossvar)
     # the prune.scope values it can work with: gates and BN penalties need one consumer per group
     scopes: ClassVar[tuple[str, ...]] = ("inner", "all")
+    # the width allocators (prune.allocate) it can fill, and the one it gets when none is named
+    allocators: ClassVar[tuple[str, ...]] = ("uniform", "loss")
+    default_allocator: ClassVar[str] = "uniform"
     Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and cls.scores is Method.scores and cls.keep_masks is Method.keep_masks:
+            raise TypeError(f"method {cls.name!r} must define scores() or keep_masks()")
 
     @classmethod
     def budget_knob(cls, options: BaseModel, prune: Mapping[str, Any]) -> Knob:
@@ -160,6 +169,7 @@ class Method(ABC):
         self.options = self.Options(**(options or {}))
         self.seed = seed
         self.image_size = image_size
+        self.counts: dict[str, int] = {}  # kept channels per group, from the width allocator
 
     # --- set-up ---------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
@@ -199,9 +209,29 @@ class Method(ABC):
         """Restore what :meth:`state` returned."""
 
     # --- the decision ------------------------------------------------------------------------
-    @abstractmethod
+    def allocator_options(self) -> dict[str, Any] | None:
+        """Options this method gives its default allocator when ``prune.allocator_options`` is
+        empty (lossvar: its δ / MACs target); None: the allocator's defaults."""
+        return None
+
+    def set_counts(self, counts: dict[str, int]) -> None:
+        """The width allocator's kept count per group, given before the pruning phase; groups it
+        does not name keep the uniform count."""
+        from methods.allocate import check_counts  # allocate imports this module
+
+        check_counts(self.groups, counts, f"{self.name} counts")
+        self.counts = dict(counts)
+
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """A score per channel of every group (higher = more worth keeping), by the method's criterion."""
+        raise NotImplementedError(f"{type(self).__name__} defines keep_masks instead of scores")
+
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        """Final keep-mask per channel group (True = keep)."""
+        """Final keep-mask per channel group (True = keep): the ``n_keep`` best-scored channels."""
+        from pipeline.surgery import structured_topk
+
+        scores = self.scores(model, ctx)
+        return {g.name: structured_topk(scores[g.name], self.n_keep(g), g.channel_groups) for g in self.groups}
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         """Undo :meth:`prepare` in place so that the plain architecture is left for surgery,
@@ -212,4 +242,7 @@ class Method(ABC):
         return {}
 
     def n_keep(self, group: ChannelGroup) -> int:
+        """The group's kept count: the allocator's when it gave one, else the uniform rate's."""
+        if group.name in self.counts:
+            return self.counts[group.name]
         return keep_count(group.size, self.prune_ratio, self.round_to, group.channel_groups)

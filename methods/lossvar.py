@@ -57,10 +57,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
+from methods.allocate import Allocator, Budget, register_allocator
 from methods.base import Knob, Method, SelectContext, register_method
 from methods.staged import StagedForward
 from pipeline.progress import progress
-from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile
+from pipeline.surgery import ChannelGroup, filter_norms, macs_after, macs_profile, structured_topk
 
 
 class LossVarOptions(BaseModel):
@@ -88,6 +89,9 @@ class LossVariation(Method):
     name = "lossvar"
     Options = LossVarOptions
     uniform_rate = False
+    # its rates are the loss allocator's; under `uniform` it would be the l1 baseline by another name
+    allocators = ("loss",)
+    default_allocator = "loss"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -181,7 +185,31 @@ class LossVariation(Method):
         return out
 
     # --- the decision ------------------------------------------------------------------------
+    def allocator_options(self) -> dict[str, Any] | None:
+        """The loss allocator runs this method's own δ search: its options are this method's."""
+        return self.options.model_dump()
+
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """The criterion's rank of each channel (0 = weakest): the shared top-k keeping the
+        strongest ``n_keep`` then drops exactly the weakest the search masked, ties included."""
+        out = {}
+        for g, order in self._orders(model).items():
+            rank = torch.empty(order.numel(), dtype=torch.float64)
+            rank[order] = torch.arange(order.numel(), dtype=torch.float64)
+            out[g] = rank
+        return out
+
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """The shared top-k at the loss allocator's counts; a caller that gave none (a test, a
+        script) gets this method's own search run first, as the recipe's allocator would."""
+        if self.counts:
+            return super().keep_masks(model, ctx)
+        found = self.search_counts(model, ctx)
+        scores = self.scores(model, ctx)
+        return {g.name: structured_topk(scores[g.name], found[g.name], g.channel_groups) for g in self.groups}
+
+    def search_counts(self, model: nn.Module, ctx: SelectContext | None) -> dict[str, int]:
+        """Kept channels per group at δ (or at the δ found for the MACs target)."""
         if ctx is None or not ctx.calib:
             raise ValueError("lossvar needs a calibration set (SelectContext.calib)")
         was_training = model.training
@@ -209,12 +237,7 @@ class LossVariation(Method):
             self._staged = None
         self.delta_found = delta
         self.rates = {g.name: pruned[g.name] / g.size for g in self.groups}
-        masks = {}
-        for g in self.groups:
-            mask = torch.ones(g.size, dtype=torch.bool)
-            mask[orders[g.name][: pruned[g.name]]] = False
-            masks[g.name] = mask
-        return masks
+        return {g.name: g.size - pruned[g.name] for g in self.groups}
 
     def _reduction(self, profile, dense: float, pruned: dict[str, int]) -> float:
         kept = {g.name: g.size - pruned[g.name] for g in self.groups}
@@ -445,3 +468,31 @@ def _solve_increasing(f, target: float, lo: float, hi: float) -> float:
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if f(mid) >= target else (mid, hi)
     return hi
+
+
+@register_allocator
+class LossAllocator(Allocator):
+    """``prune.allocate: loss``: every group's rate from the calibration loss it may raise (δ),
+    or the δ whose rates meet a MACs target — lossvar's search (above), for any method. The
+    search ranks channels by its own criterion (filter norms) on the model before the pruning
+    phase; the method then fills each group to its count with its own scores. Its options are
+    lossvar's (``prune.allocator_options``, or lossvar's own options when lossvar is the method)."""
+
+    name = "loss"
+    Options = LossVarOptions
+
+    def __init__(self, options: dict[str, Any] | BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.search: LossVariation | None = None
+
+    def calibration_samples(self) -> int:
+        return self.options.calib_samples
+
+    def allocate(self, model: nn.Module, groups: list[ChannelGroup], budget: Budget,
+                 ctx: SelectContext | None = None) -> dict[str, int]:
+        self.search = LossVariation(groups, budget.prune_ratio, budget.round_to, self.options.model_dump(),
+                                    image_size=ctx.image_size if ctx is not None else 224)
+        return self.search.search_counts(model, ctx)
+
+    def summary(self) -> dict[str, Any]:
+        return self.search.summary() if self.search is not None else {}

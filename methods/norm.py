@@ -9,16 +9,14 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from methods.base import Method, SelectContext, register_method
-from pipeline.surgery import filter_norms, structured_topk
+from pipeline.surgery import filter_norms
 
 
 class _NormMethod(Method):
     p: int = 2
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        return {
-            g.name: structured_topk(filter_norms(model, g, self.p), self.n_keep(g), g.channel_groups) for g in self.groups
-        }
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        return {g.name: filter_norms(model, g, self.p) for g in self.groups}
 
 
 @register_method
@@ -49,10 +47,7 @@ class RandomChannels(Method):
     name = "random"
     Options = RandomOptions
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         seed = self.options.seed if self.options.seed is not None else self.seed
         gen = torch.Generator().manual_seed(seed)
-        return {
-            g.name: structured_topk(torch.rand(g.size, generator=gen), self.n_keep(g), g.channel_groups)
-            for g in self.groups
-        }
+        return {g.name: torch.rand(g.size, generator=gen) for g in self.groups}

@@ -46,7 +46,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from methods.base import Method, SelectContext, keep_count, register_method
+from methods.base import Method, SelectContext, register_method
 from pipeline.surgery import ChannelGroup, apply_masks, filter_norms, find_groups, macs_profile, structured_topk
 
 
@@ -116,7 +116,9 @@ class SoftFilterPruning(Method):
         self._soft_reduction = 1.0 - soft_macs(profile, all_groups, kept) / sum(profile.values())
 
     def _keep(self, unit: ChannelGroup) -> int:
-        return keep_count(unit.size, self.prune_ratio, self.round_to, unit.channel_groups)
+        # a unit that is a cut group gets the allocator's count; a soft-only unit (the stem, a
+        # conv3 under scope inner) the uniform one, as the authors' single rate
+        return self.n_keep(unit)
 
     def _select(self, model: nn.Module, units: list[ChannelGroup]) -> dict[str, torch.Tensor]:
         return {u.name: structured_topk(filter_norms(model, u, 2), self._keep(u), u.channel_groups) for u in units}

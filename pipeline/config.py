@@ -141,6 +141,30 @@ class PruneConfig(_Strict):
     # method knobs, per method: {sfp: {...}, lossvar: {delta: 0.05}}. Namespaced so that a search
     # choosing among methods can also tune one method's knobs.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # how many channels each group keeps (methods/allocate.py): uniform (prune_ratio for every
+    # group) or loss (lossvar's loss-variation rates); unset: the method's own default (lossvar:
+    # loss, every other method: uniform). The allocator's options: allocator_options.
+    allocate: str | None = None
+    allocator_options: dict[str, Any] = Field(default_factory=dict)
+    # whole residual blocks removed before the widths are chosen (pipeline/blocks.py): a count,
+    # or a fraction of the identity-shortcut blocks; 0 keeps every block
+    blocks: int | float = Field(0, ge=0)
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r}: a count of blocks or a fraction, not a boolean")
+        return value
+
+    @field_validator("blocks")
+    @classmethod
+    def _block_count(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            if value != int(value):
+                raise ValueError(f"{value!r}: a count of blocks (a whole number) or a fraction below 1")
+            return int(value)
+        return value
 
 
 class PhaseConfig(_Strict):
