@@ -151,7 +151,11 @@ class Method:
     def budget_knob(cls, options: BaseModel, prune: Mapping[str, Any]) -> Knob:
         """The setting that decides this method's widths, from its validated ``options`` and the
         trial's prune section: the uniform ``prune_ratio`` unless the method overrides this (a
-        method with a budget of its own overrides it in its own module, nowhere else)."""
+        method with a budget of its own overrides it in its own module, nowhere else). Under the
+        loss allocator with a δ of its own, that δ decides every width and the ratio is ignored."""
+        allocated = prune.get("allocator_options") or {}
+        if prune.get("allocate") == "loss" and allocated.get("delta") is not None:
+            return Knob("δ", allocated["delta"], option="allocator_options.delta", symbol="δ", fmt=".3g")
         return Knob("ratio", prune.get("prune_ratio"))
 
     def __init__(

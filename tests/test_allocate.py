@@ -144,3 +144,12 @@ def test_a_method_must_say_how_it_scores():
     with pytest.raises(TypeError, match="must define scores"):
         class Nothing(Method):
             name = "test-nothing"
+
+
+def test_a_delta_given_to_the_loss_allocator_names_the_trial():
+    from methods import budget_knob
+
+    prune = {"method": "abp", "prune_ratio": 0.4, "allocate": "loss", "allocator_options": {"delta": 0.02}}
+    knob = budget_knob("abp", prune)
+    assert (knob.label, knob.value, knob.tag()) == ("δ", 0.02, "δ0.02")
+    assert budget_knob("abp", {**prune, "allocate": "uniform"}).tag() == "r0.40"
