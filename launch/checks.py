@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from methods import Allocator, Method, allocator_names, get_allocator_class, get_method_class, method_names
+from pipeline.blocks import block_count, identity_blocks
 from pipeline.config import Config, ConfigError, format_error, sampler_values
 from pipeline.models import check_weights_path
 
@@ -50,6 +51,7 @@ def check_config(cfg: Config, for_search: bool = False) -> Config:
     trial_epochs(cfg, method_class(cfg.prune.method, "prune.method"))
     _check_scopes(cfg, for_search)
     _check_allocators(cfg, for_search)
+    _check_blocks(cfg, for_search)
     if cfg.model.weights is not None:
         check_weights_path(cfg.model.weights)  # a folder or /dev/null: stop now, not after loading data
     for name, options in cfg.prune.options.items():
@@ -118,3 +120,23 @@ def _check_allocators(cfg: Config, for_search: bool) -> None:
                     allocator.Options(**cfg.prune.allocator_options)
                 except ValidationError as err:
                     raise ConfigError(format_error(err, prefix="prune.allocator_options.")) from None
+
+
+def _check_blocks(cfg: Config, for_search: bool) -> None:
+    """Every block count the trial (or the search) may ask for fits the architecture's
+    identity-shortcut blocks (counted on the meta device: no memory, no weights)."""
+    space = cfg.search.space if for_search else {}
+    drawn = "prune.blocks" in space
+    values = (sampler_values(space["prune.blocks"]) or []) if drawn else [cfg.prune.blocks]
+    if not any(values):
+        return
+    import torch
+    import torchvision
+
+    with torch.device("meta"):
+        available = len(identity_blocks(getattr(torchvision.models, cfg.model.arch)()))
+    for value in values:
+        try:
+            block_count(value, available, cfg.model.arch)
+        except ConfigError as err:
+            raise ConfigError(f"search.space: {err}" if drawn else str(err)) from None

@@ -130,7 +130,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("   ".join(f"{k} {metrics[k]:.4g}" for k in shown if metrics.get(k) is not None))
     print(f"{'stage':<7} {'blocks':>6} {'out':>5}  inner widths per block")
     for row in stage_widths(spec):
-        print(f"{row['stage']:<7} {row['blocks']:>6} {row['out']:>5}  {' '.join(row['inner'])}")
+        gone = f"  (removed: {', '.join(str(i) for i in row['removed'])})" if row.get("removed") else ""
+        print(f"{row['stage']:<7} {row['blocks']:>6} {row['out']:>5}  {' '.join(row['inner'])}{gone}")
+    removed = spec.get("removed_blocks", [])
+    if removed:
+        print(f"removed blocks ({len(removed)}): {', '.join(removed)}")
     return 0
 
 

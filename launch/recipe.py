@@ -37,6 +37,7 @@ from launch.outputs import (
 )
 from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
 from methods import Budget, Method, SelectContext
+from pipeline.blocks import block_count, block_scores, choose_blocks, identity_blocks, remove_blocks
 from pipeline.config import Config, ConfigError, config_to_dict, format_error
 from pipeline.data.contract import BatchLoader
 from pipeline.data.loaders import build_loader, calibration_set
@@ -66,6 +67,9 @@ from pipeline.spec import build_from_spec, make_spec, save_pruned
 from pipeline.surgery import ChannelGroup, apply_masks, find_groups, prune_model
 
 Reporter = Callable[[dict[str, Any]], None]
+# the calibration images that score the blocks (prune.blocks): lossvar's default set, so that a
+# trial that also runs the loss allocator draws it once
+BLOCK_CALIB_SAMPLES = 256
 
 
 # --- logging --------------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class Trial:
     masks: dict[str, torch.Tensor] | None = None  # None when resumed after the cut
     last_metrics: dict[str, Any] = field(default_factory=dict)
     allocation: dict[str, Any] = field(default_factory=dict)  # what the width allocator reports
+    blocks: dict[str, Any] = field(default_factory=dict)  # the blocks removed and their loss rise
     _calib: dict[int, list] = field(default_factory=dict)
 
     @property
@@ -241,6 +246,27 @@ def build_method(cfg: Config, groups: list[ChannelGroup]) -> Method:
         raise ConfigError(format_error(err, prefix=f"prune.options.{name}.")) from None
 
 
+def drop_blocks(trial: Trial) -> None:
+    """``prune.blocks``: the identity-shortcut blocks whose bypass raises the calibration loss
+    least become the identity, before any width is chosen; the channel groups and the method are
+    then those of the model without them. Deterministic, as :func:`allocate` is."""
+    cfg, model = trial.cfg, trial.model
+    candidates = identity_blocks(model)
+    count = block_count(cfg.prune.blocks, len(candidates), cfg.model.arch)
+    if not count:
+        return
+    scores = block_scores(model, candidates, trial.select_context(BLOCK_CALIB_SAMPLES).calib, trial.info)
+    chosen = choose_blocks(scores, count)
+    remove_blocks(model, chosen)
+    trial.groups = find_groups(model, cfg.data.image_size, cfg.prune.scope)
+    trial.method = build_method(cfg, trial.groups)
+    trial.summary["blocks_removed"] = len(chosen)
+    trial.blocks = {"removed_blocks": chosen, "block_loss_rise": {n: scores[n] for n in chosen}}
+    if trial.info.is_main:
+        print(f"[prunepipe] blocks removed ({len(chosen)} of {len(candidates)}, lowest loss rise first): "
+              f"{', '.join(chosen)}", flush=True)
+
+
 def allocate(trial: Trial) -> None:
     """Kept channels per group from the width allocator (``prune.allocate``), decided on the
     model before the pruning phase and given to the method, which fills each group to its count.
@@ -344,7 +370,7 @@ def save(trial: Trial) -> dict[str, Any]:
     if info.is_main:
         spec = make_spec(model, cfg.model.arch, trial.train_loader.num_classes, image_size=cfg.data.image_size)
         spec.update(config=config_to_dict(cfg), metrics={k: v for k, v in final.items() if not isinstance(v, str)},
-                    method_summary={**trial.method.summary(), **trial.allocation})
+                    method_summary={**trial.method.summary(), **trial.allocation, **trial.blocks})
         save_pruned(model, model_dir, spec)
         plot = None
         if trial.masks is not None:
@@ -379,6 +405,7 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
             resume.restore_cut(trial)
         else:
             trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
+            drop_blocks(trial)
             allocate(trial)
             prune(trial, resume)
             cut(trial)

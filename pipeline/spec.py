@@ -4,6 +4,13 @@ The spec names the torchvision base architecture, the class count and the shape 
 conv, BatchNorm and linear layer (that is, the kept widths). Loading builds the base model,
 resizes those layers, and loads the tensors: nothing is unpickled, so a file from the
 registry is safe to load.
+
+Whole residual blocks can be removed too (:mod:`pipeline.blocks`): ``removed_blocks`` lists
+them (``["layer3.4", ...]``, identity-shortcut blocks only), loading puts ``nn.Identity`` in
+their place before anything is resized, and their layers are simply absent from ``layers``
+and from the weights file. A spec without the key removed none. This module does not import
+:mod:`pipeline.blocks`: the MLflow pyfunc model copies a fixed list of modules
+(``pipeline/pyfunc_model.py`` ``CODE_MODULES``), and a served model must load with them alone.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pipeline.config import ARCHS
 from pipeline.errors import PrunepipeError
@@ -45,8 +53,43 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
     return out
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def identity_blocks(model: nn.Module) -> list[str]:
+    """Module names of the residual blocks (torchvision ``BasicBlock`` / ``Bottleneck``) whose
+    shortcut is the identity (``downsample is None``: input and output shapes agree), in network
+    order. That is every block but the first of each stage, and in resnet18/34 also ``layer1.0``
+    (64 channels in and out at stride 1, so it has no downsample either). Blocks already removed
+    (``nn.Identity``) are not listed."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, BasicBlock | Bottleneck) and m.downsample is None]
+
+
+def removed_blocks(model: nn.Module) -> list[str]:
+    """The stage entries of ``model`` that are ``nn.Identity`` (removed blocks), in network order."""
+    out = []
+    for stage in STAGES:
+        layer = getattr(model, stage, None)
+        if isinstance(layer, nn.Sequential):
+            out += [f"{stage}.{i}" for i, m in enumerate(layer) if isinstance(m, nn.Identity)]
+    return out
+
+
+def replace_by_identity(model: nn.Module, names: list[str]) -> None:
+    """Put ``nn.Identity`` where each named module was (in place; the names are not checked here)."""
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Identity())
+
+
 def make_spec(model: nn.Module, arch: str, num_classes: int, **meta: Any) -> dict[str, Any]:
-    return {"format": FORMAT, "arch": arch, "num_classes": num_classes, "layers": layer_shapes(model), **meta}
+    spec = {"format": FORMAT, "arch": arch, "num_classes": num_classes, "layers": layer_shapes(model)}
+    removed = removed_blocks(model)
+    if removed:  # only then: the spec of a model with every block stays as it always was
+        spec["removed_blocks"] = removed
+    return {**spec, **meta}
 
 
 def _positive_int(value: Any, where: str) -> int:
@@ -55,10 +98,41 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
-def _base_shapes(arch: str) -> dict[str, dict[str, int]]:
-    """The dense architecture's layer shapes, built on the meta device (no memory)."""
+def _base_shapes(arch: str, removed: list[str] = ()) -> dict[str, dict[str, int]]:
+    """The dense architecture's layer shapes, built on the meta device (no memory), without the
+    layers of the ``removed`` blocks."""
     with torch.device("meta"):
-        return layer_shapes(build_model(arch, 2))
+        model = build_model(arch, 2)
+        replace_by_identity(model, list(removed))
+        return layer_shapes(model)
+
+
+def _check_removed(spec: dict[str, Any], arch: str) -> list[str]:
+    """``spec.removed_blocks`` (absent: none), each an identity-shortcut block of ``arch``, once."""
+    removed = spec.get("removed_blocks", [])
+    where = "spec.removed_blocks"
+    if not isinstance(removed, list) or not all(isinstance(b, str) for b in removed):
+        raise SpecError(f"{where}: expected a list of block names such as 'layer3.1', got {removed!r:.80}")
+    with torch.device("meta"):
+        base = build_model(arch, 2)
+    removable = identity_blocks(base)
+    allowed = set(removable)
+    seen: set[str] = set()
+    for i, name in enumerate(removed):
+        if name in seen:
+            raise SpecError(f"{where}[{i}]: {name!r} is listed twice")
+        seen.add(name)
+        if name not in allowed:
+            try:
+                module = base.get_submodule(name) if name else None
+            except AttributeError:
+                module = None
+            if module is not None and getattr(module, "downsample", None) is not None:
+                raise SpecError(f"{where}[{i}]: {name!r} downsamples (its shortcut is not the identity), "
+                                "so it cannot be removed")
+            raise SpecError(f"{where}[{i}]: {name!r:.80} is not a residual block of {arch} "
+                            f"(removable: {removable[0]} ... {removable[-1]})")
+    return removed
 
 
 def validate_spec(spec: dict[str, Any]) -> None:
@@ -83,12 +157,14 @@ def validate_spec(spec: dict[str, Any]) -> None:
     for k, v in metrics.items():
         if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
             raise SpecError(f"spec.metrics.{k}: expected a number, got {v!r}")
+    removed = _check_removed(spec, arch)
     layers = spec.get("layers")
     if not isinstance(layers, dict):
         raise SpecError("spec.layers: expected a mapping of layer name to shape")
-    base = _base_shapes(arch)
+    base = _base_shapes(arch, removed)
     if set(layers) != set(base):
-        raise SpecError(f"spec.layers: layer names do not match {arch}")
+        without = f" without {', '.join(removed)}" if removed else ""
+        raise SpecError(f"spec.layers: layer names do not match {arch}{without}"[:300])
     for name, shape in layers.items():
         where = f"spec.layers.{name}"
         if not isinstance(shape, dict) or set(shape) != set(base[name]):
@@ -110,8 +186,10 @@ def validate_spec(spec: dict[str, Any]) -> None:
 
 
 def _assemble(spec: dict[str, Any]) -> nn.Module:
-    """The base model with every layer resized to the (validated) spec's shapes."""
+    """The base model, its removed blocks replaced by ``nn.Identity``, every layer resized to
+    the (validated) spec's shapes."""
     model = build_model(spec["arch"], spec["num_classes"])
+    replace_by_identity(model, spec.get("removed_blocks", []))
     own = dict(model.named_modules())
     for name, shape in spec["layers"].items():
         old = own[name]
@@ -194,10 +272,15 @@ def load_pruned(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def stage_widths(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per stage: residual width and the inner widths of each block (for `prunepipe show`)."""
+    """Per stage: residual width, the inner widths of each block left, and the blocks removed
+    (indices; ``spec.removed_blocks``), for `prunepipe show`. ``blocks`` counts the blocks left;
+    a stage whose every block was removed (resnet18/34's layer1 can be) passes its input on, so
+    its ``out`` is the width entering it."""
     layers = spec["layers"]
+    removed = spec.get("removed_blocks", [])
     rows = []
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
+    out = layers["conv1"]["out"]
+    for stage in STAGES:
         blocks = sorted(
             {k.split(".")[1] for k in layers if k.startswith(stage + ".")}, key=int
         )
@@ -206,6 +289,9 @@ def stage_widths(spec: dict[str, Any]) -> list[dict[str, Any]]:
             convs = [k for k in layers if k.startswith(f"{stage}.{b}.conv")]
             convs.sort()
             inner.append("/".join(str(layers[c]["out"]) for c in convs[:-1]))
-        last = sorted(k for k in layers if k.startswith(f"{stage}.{blocks[-1]}.conv"))[-1]
-        rows.append({"stage": stage, "blocks": len(blocks), "out": layers[last]["out"], "inner": inner})
+        if blocks:
+            last = sorted(k for k in layers if k.startswith(f"{stage}.{blocks[-1]}.conv"))[-1]
+            out = layers[last]["out"]
+        gone = sorted(int(b.split(".")[1]) for b in removed if b.startswith(stage + "."))
+        rows.append({"stage": stage, "blocks": len(blocks), "out": out, "inner": inner, "removed": gone})
     return rows
