@@ -25,6 +25,13 @@ Only the abstract is available; the project's reconstruction:
   ``round_to`` (and of the conv groups of a grouped conv), as every uniform method's widths.
 All rates are applied at once, then the recipe cuts and fine-tunes once.
 
+The rates are the ``loss`` width allocator's (:class:`LossAllocator`, docs/architecture.md
+"Scores apart from allocation"): the recipe runs this search before the pruning phase, for
+lossvar or for any other method with ``prune.allocate: loss``; lossvar itself only scores (its
+criterion's rank, so the shared top-k drops exactly the channels the search masked, ties
+included). Called without counts (a script, a test), :meth:`LossVariation.keep_masks` runs the
+search itself.
+
 Cost (what makes it usable on ResNet-101): a probe recomputes only from the block holding the
 masked channels (:mod:`methods.staged`), not from the image; groups are probed in network
 order so one cached activation walks down the network. During the δ search, k is monotone in
