@@ -11,7 +11,9 @@ smooth surrogate σ(s/τ), i.e. ∂L/∂s_c = ∂L/∂b_c · σ(s_c/τ)(1 − σ
 ∂L/∂b_c = Σ (∂L/∂y ⊙ x_c) does not vanish when b_c = 0, a switched-off channel keeps getting
 gradient and can switch back on ("recoverability").
 
-Budget: Σ_l ``budget_weight`` · (mean_c b_c − keep)², keep = 1 − prune_ratio, on the hard b with
+Budget: Σ_l ``budget_weight`` · (mean_c b_c − keep_l)², keep_l = ``n_keep(l) / size(l)`` (the
+width allocator's count for the group; with the uniform allocator that is 1 − prune_ratio up to
+``keep_count``'s rounding to whole channels and to ``round_to``), on the hard b with
 the same straight-through gradient, pushes each layer's kept fraction towards the target. (A
 budget on mean σ(s/τ) instead is met with every score at 0⁺ and every channel still on: seen in
 the tests, and why the hard mean is used.) Scores start at ``init`` plus a small seeded spread
@@ -23,6 +25,16 @@ fine-tuning budget allows.
 Project choice, as for AutoPruner: ``exact_budget: true`` (default) keeps exactly the configured
 count per layer, ranked by score, so methods compare at equal MACs; ``false`` keeps b = 1.
 At the end the attention layers are removed and channels with b = 0 are cut.
+
+Residual streams (``prune.scope: all``; the reconstruction goes beyond the abstract here). A
+stream group has one :class:`BinaryAttention` (one score per channel) shared by every consumer
+of the stream (each block's conv1 in the stage, the next stage's conv1 and downsample, or the
+final ``fc`` on the pooled (N, C) vector): it sits in front of the group's first consumer and
+the others apply the same b through ``methods.gates.SharedLayer``. The score's gradient is the
+sum over all reads of the stream; the group has one budget term, like an inner group. With
+b_c = 0 no layer reads channel c anywhere, so the masked model is the cut one. The stem's
+output (conv1 → bn1 → ReLU → max-pool, read by layer1; in a BasicBlock net the stem's group is
+layer1's stream) is gated the same way: ABP has no per-stage schedule to leave it out of.
 """
 
 from __future__ import annotations
@@ -78,20 +90,19 @@ class BinaryAttention(nn.Module):
         return torch.sigmoid(self.score / self.tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask().view(1, -1, 1, 1).to(x.dtype)
+        return x * gates.channel_view(self.mask(), x).to(x.dtype)
+
+    def follow(self, x: torch.Tensor) -> torch.Tensor:
+        """The same b at another consumer of a residual stream (``methods.gates.SharedLayer``)."""
+        return self.forward(x)
 
 
 @register_method
 class AddingBeforePruning(Method):
     name = "abp"
-    scopes = ("inner",)  # its attention layers need one consuming conv per group: no residual streams
+    scopes = ("inner", "all")  # all: one attention layer per stream, shared by its consumers
     training_aware = True
     Options = ABPOptions
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for g in self.groups:
-            gates.single_consumer(g, self.name)
 
     def prepare(self, model: nn.Module) -> None:
         for g in self.groups:
@@ -102,8 +113,7 @@ class AddingBeforePruning(Method):
         return {att.score: self.options.score_lr_scale for _, att in gates.layers(model, self.groups)}
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
-        keep = 1.0 - self.prune_ratio
-        terms = [(att.mask().mean() - keep) ** 2 for _, att in gates.layers(model, self.groups)]
+        terms = [(att.mask().mean() - self.n_keep(g) / g.size) ** 2 for g, att in gates.layers(model, self.groups)]
         return self.options.budget_weight * torch.stack(terms).sum() if terms else None
 
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:

@@ -7,7 +7,11 @@ the activations X (N, C, H, W) are averaged over the batch (backward spreads gra
 sample), max-pooled 2×2 (not pooled in the last stage), mapped C·h·w → C by a fully connected
 layer with bias, multiplied by α and squashed by a sigmoid: v ∈ (0, 1)^C; the output is X ⊙ v.
 The gate sits on the input of the group's consuming conv, i.e. after BN and ReLU
-(``methods.gates``). Loss: cross-entropy + Σ_l λ_l · (mean(v_l) − keep)², keep = 1 − ratio.
+(``methods.gates``). Loss: cross-entropy + Σ_l λ_l · (mean(v_l) − keep_l)², keep_l =
+``n_keep(l) / size(l)``, the width allocator's count for the layer (with the uniform allocator
+this is the paper's keep = 1 − ratio up to ``keep_count``'s rounding to whole channels and to
+``round_to``; λ's update and the collapse guard's floor still read the uniform ratio, as the
+authors' code does).
 
 Where this follows the authors' code:
 - **FC initialisation**: weights ~ N(0, (10·√(2/n))²) with n = C·h·w its fan-in, bias PyTorch's
@@ -48,6 +52,29 @@ Where it does not, and why:
   that methods compare at equal MACs; ``false`` keeps the majority-vote code as it is (their
   adaptive per-layer rates).
 - ``skip_last_block: false`` gates the last block too (uniform rates over every inner group).
+
+Residual streams (``prune.scope: all``) — beyond the authors, whose code gates only the inner
+layers (conv1/conv2 of a bottleneck): a stream's channel is written by every block of the
+stage and read by many consumers (each block's conv1, the next stage's conv1 and downsample,
+or ``fc``), so it gets ONE gate and ONE v per step, shared by all its consumers. The gate sits
+in front of the consumer that runs first in a forward (found by tracing one forward in
+:meth:`AutoPruner.prepare`): the stage's second block's conv1 reads the first block's output,
+and its FC is sized from that map (C·h·w, pooled as its stage is). Every other consumer holds a
+``methods.gates.SharedLayer`` and multiplies by the factor the owner used in this very forward
+(v in training, binarised v or the code in eval mode, the code when frozen, nothing when idle),
+so the next stage's conv1/downsample (same map size) and ``fc`` (a pooled (N, C) vector) need
+no FC of their own and see the same values. The gradient of v is the sum over all reads. One
+set of gate parameters per group means one set of keys in the state dict and no parameter
+that DDP sees twice. A stream belongs to the stage of its name (``layer2.0.downsample.0`` →
+layer2); the stem's group (conv1 → bn1 → ReLU → max-pool, read by layer1; in a BasicBlock net
+the same group is layer1's stream) has no stage in its name and goes with the stage of its
+consumers (layer1). ``skip_last_block: true`` leaves ungated every group the last block writes
+(a producer in it): the inner groups as before and the last stage's stream, which the last
+block adds into, so the last block keeps all its channels as in the authors' code (and the
+last stage's 7×7 stream, unpooled, would need an FC of C²·49 weights); with
+``skip_last_block: false`` the last stream is gated too. ``stagewise``: a stream is trained
+with its stage and frozen at its code after it, so the next stage already reads the pruned
+stream.
 
 Distributed: frozen and not-yet-active gates take no part in a stage-wise forward, so their
 gates declare ``leaves_parameters_unused`` and the DDP backend searches for unused parameters
@@ -109,6 +136,7 @@ class AutoPrunerGate(nn.Module):
         self.mode, self.coded = ACTIVE, False  # in the state dict as extra state
         self.leaves_parameters_unused = False  # read by the DDP backend (find_unused_parameters)
         self.v: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None  # the soft / binarised v of the last forward (followers)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -134,44 +162,68 @@ class AutoPrunerGate(nn.Module):
         if self.mode == IDLE:
             return x
         if self.mode == FROZEN or (not self.training and self.coded):
-            return x * self.code.view(1, -1, 1, 1).to(x.dtype)
+            return x * gates.channel_view(self.code, x).to(x.dtype)
         a = x.mean(0, keepdim=True)  # batch-mean pooling (x is already after the ReLU)
         if self.pool > 1:
             a = F.max_pool2d(a, self.pool)
         v = torch.sigmoid(self.alpha * self.fc(a.flatten(1))).view(-1)
         if not self.training:
-            return x * (v > 0.5).view(1, -1, 1, 1).to(x.dtype)  # no code yet: binarised v
-        self.v = v
-        return x * v.view(1, -1, 1, 1)
+            self.factor = (v > 0.5).to(x.dtype)  # no code yet: binarised v
+            return x * gates.channel_view(self.factor, x)
+        self.v = self.factor = v
+        return x * gates.channel_view(v, x)
+
+    def follow(self, x: torch.Tensor) -> torch.Tensor:
+        """At another consumer of a residual stream: the factor this gate used in this forward."""
+        if self.mode == IDLE:
+            return x
+        if self.mode == FROZEN or (not self.training and self.coded):
+            return x * gates.channel_view(self.code, x).to(x.dtype)
+        if self.factor is None:
+            raise RuntimeError("a residual stream's gate was read before its first consumer ran in this forward")
+        return x * gates.channel_view(self.factor, x)
 
 
 def _stage_of(group_name: str) -> str:
     return group_name.split(".")[0]
 
 
+def _stage(group: ChannelGroup) -> str:
+    """The stage a group belongs to: the one in its name; the stem's group (no stage in its
+    name) goes with its consumers' stage."""
+    if "." in group.name:
+        return _stage_of(group.name)
+    inside = [c for c in group.consumers if "." in c]
+    return _stage_of(inside[0]) if inside else group.name
+
+
 def _block_of(group: ChannelGroup) -> str:
     return group.producers[0].rpartition(".")[0]
+
+
+def _blocks(group: ChannelGroup) -> set[str]:
+    """Blocks with a producer of the group (an inner group: its own block; a stream: every block of its stage)."""
+    return {p.rpartition(".")[0] for p in group.producers}
 
 
 @register_method
 class AutoPruner(Method):
     name = "autopruner"
-    scopes = ("inner",)  # its gates need one consuming conv per group: no residual streams
+    scopes = ("inner", "all")  # all: one gate per residual stream, shared by its consumers
     training_aware = True
     uniform_rate = False  # the last block keeps every channel (skip_last_block)
     Options = AutoPrunerOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for g in self.groups:
-            gates.single_consumer(g, self.name)
-        last = _block_of(self.groups[-1]) if self.groups else ""
-        self.gated = [g for g in self.groups if not (self.options.skip_last_block and _block_of(g) == last)]
+        inner = [g for g in self.groups if not g.residual] or self.groups
+        last = _block_of(inner[-1]) if inner else ""
+        self.gated = [g for g in self.groups if not (self.options.skip_last_block and last in _blocks(g))]
         self._gated_names = {g.name for g in self.gated}
         stages: list[str] = []
         for g in self.gated:
-            if _stage_of(g.name) not in stages:
-                stages.append(_stage_of(g.name))
+            if _stage(g) not in stages:
+                stages.append(_stage(g))
         self.stages = stages if self.options.stagewise else ["all"]
         self.step = self.total_steps = self.steps_per_epoch = self.stage = self.window_fill = 0
         self.hits: dict[str, torch.Tensor] = {}  # per group: steps of this window with v > 0.5
@@ -184,7 +236,7 @@ class AutoPruner(Method):
 
     # --- stages ------------------------------------------------------------------------------
     def _stage_pos(self, g: ChannelGroup) -> int:
-        return self.stages.index(_stage_of(g.name)) if self.options.stagewise else 0
+        return self.stages.index(_stage(g)) if self.options.stagewise else 0
 
     def _bounds(self, stage: int) -> tuple[int, int]:
         """First step of ``stage`` and of the next one (the steps are split evenly, ceil)."""
@@ -218,12 +270,14 @@ class AutoPruner(Method):
 
     # --- set-up ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
-        shapes: dict[str, tuple[int, int, int]] = {}
-        hooks = [  # the gate's input is the consuming conv's input
-            model.get_submodule(g.consumers[0]).register_forward_hook(
-                lambda m, i, o, name=g.name: shapes.__setitem__(name, tuple(i[0].shape[1:]))
+        # the gate's input is its consuming conv's input; a stream's gate goes in front of the
+        # consumer that runs first, and its FC is sized from that consumer's input
+        first: dict[str, tuple[str, tuple[int, ...]]] = {}
+        hooks = [
+            model.get_submodule(c).register_forward_hook(
+                lambda m, i, o, name=g.name, c=c: None if name in first else first.update({name: (c, tuple(i[0].shape[1:]))})
             )
-            for g in self.gated
+            for g in self.gated for c in g.consumers
         ]
         was_training = model.training
         model.eval()
@@ -232,11 +286,15 @@ class AutoPruner(Method):
         model.train(was_training)
         for h in hooks:
             h.remove()
-        last_stage = _stage_of(self.gated[-1].name) if self.gated else ""
+        last_stage = _stage(self.gated[-1]) if self.gated else ""
         for g in self.gated:
-            gate = AutoPrunerGate(*shapes[g.name], pool=1 if _stage_of(g.name) == last_stage else 2)
+            consumer, shape = first[g.name]
+            if len(shape) != 3:
+                raise ValueError(f"{self.name}: the first consumer of group {g.name!r}, {consumer}, reads a "
+                                 f"{len(shape) + 1}-d tensor; its gate needs a (N, C, H, W) map")
+            gate = AutoPrunerGate(*shape, pool=1 if _stage(g) == last_stage else 2)
             gate.leaves_parameters_unused = self.options.stagewise and len(self.stages) > 1
-            gates.insert(model, g, gate, self.name)
+            gates.insert(model, g, gate, self.name, first=consumer)
         self._enter_stage(model, 0)
 
     def on_train_start(self, model: nn.Module, steps_per_epoch: int = 0, epochs: int = 0) -> None:
@@ -264,8 +322,7 @@ class AutoPruner(Method):
         return [(g, gate) for g, gate in gates.layers(model, self.gated) if gate.mode == ACTIVE]
 
     def loss_term(self, model: nn.Module) -> torch.Tensor | None:
-        keep = 1.0 - self.prune_ratio
-        terms = [self.lambdas[g.name] * (gate.v.mean() - keep) ** 2
+        terms = [self.lambdas[g.name] * (gate.v.mean() - self.n_keep(g) / g.size) ** 2
                  for g, gate in self._active(model) if gate.v is not None]
         return torch.stack(terms).sum() if terms else None
 

@@ -202,6 +202,9 @@ def test_every_method_and_mode_trains_under_ddp(tmp_path, tiny_synthetic):
     result = json.loads(out.read_text())
     assert set(result) == {f"{n}[{m}]" for n in method_names() for m in modes(n)}
     assert "autopruner[stagewise=False]" in result  # both AutoPruner modes (stage-wise is the default)
+    # every method that declares scope all runs it too (residual streams pruned)
+    assert {f"{n}[scope=all]" for n in method_names() if "all" in get_method_class(n).scopes} <= set(result)
+    assert {"autopruner[scope=all]", "abp[scope=all]"} <= set(result)
     assert all(result.values()), result
 
 

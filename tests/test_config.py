@@ -1,9 +1,13 @@
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from launch.checks import check_config
+from methods import Method, register_method
+from methods.base import _REGISTRY
 from pipeline.config import ConfigError, build_config, load_config, parse_override
 from tests.conftest import DEMO, ROOT
 
@@ -137,21 +141,71 @@ def test_epoch_budget_is_checked_with_the_config_not_inside_the_trial():
     check_config(build_config({"prune": {"method": "l1", "epochs": 3}, "train": {"budget_epochs": 3}}))
 
 
-@pytest.mark.parametrize("method", ["autopruner", "abp", "ista"])
-def test_methods_that_need_inner_groups_refuse_scope_all_before_any_work(method):
-    with pytest.raises(ConfigError, match=f"prune.method = {method} works with prune.scope = inner, not all"):
-        check_config(load_config(DEMO, [f"prune.method={method}", "prune.scope=all"]))
-    check_config(load_config(DEMO, ["prune.method=sfp", "prune.scope=all"]))  # sfp thins residual streams too
+class _InnerOnly(Method):
+    """A method of the tests' own whose layers need one consumer per group (scope inner only)."""
+
+    name = "test-inner-only"
+    scopes = ("inner",)
+    allocators = ("uniform",)
+
+    def scores(self, model, ctx=None):
+        return {g.name: torch.ones(g.size) for g in self.groups}
 
 
-def test_a_search_may_not_draw_a_method_with_a_scope_it_cannot_use():
-    cfg = load_config(DEMO, ["prune.scope=all"])  # the demo's space draws autopruner, abp and ista too
-    with pytest.raises(ConfigError, match="search.space: prune.method = autopruner works with prune.scope = inner"):
-        check_config(cfg, for_search=True)
-    check_config(cfg)  # one trial of its prune.method (l1) is fine
-    spaced = load_config(DEMO, ["search.space={prune.method: {choice: [l1, ista]}, prune.scope: {choice: [inner, all]}}"])
-    with pytest.raises(ConfigError, match="prune.method = ista works with prune.scope = inner, not all"):
+@pytest.fixture
+def inner_only():
+    cls = register_method(_InnerOnly)
+    yield cls.name
+    _REGISTRY.pop(cls.name)  # other tests list the registered methods
+
+
+def test_a_method_that_needs_inner_groups_refuses_scope_all_before_any_work(inner_only):
+    with pytest.raises(ConfigError, match=f"prune.method = {inner_only} works with prune.scope = inner, not all"):
+        check_config(load_config(DEMO, [f"prune.method={inner_only}", "prune.scope=all"]))
+
+
+@pytest.mark.parametrize("method", ["l1", "sfp", "autopruner", "abp", "ista", "lossvar"])
+def test_every_seed_method_thins_the_residual_streams(method):
+    check_config(load_config(DEMO, [f"prune.method={method}", "prune.scope=all"]))
+
+
+def test_a_search_may_not_draw_a_method_with_a_scope_it_cannot_use(inner_only):
+    spaced = load_config(DEMO, [f"search.space={{prune.method: {{choice: [l1, {inner_only}]}}, "
+                                "prune.scope: {choice: [inner, all]}}"])
+    with pytest.raises(ConfigError, match=f"search.space: prune.method = {inner_only} works with prune.scope = inner"):
         check_config(spaced, for_search=True)
+    check_config(spaced)  # one trial of its prune.method (l1) is fine
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["prune.allocate=latency"], "prune.allocate: unknown width allocator 'latency'; allowed: loss, uniform"),
+    (["prune.method=lossvar", "prune.allocate=uniform"],
+     "prune.method = lossvar works with prune.allocate = loss, not uniform"),
+    (["prune.allocate=loss", "prune.allocator_options={delta: -1}"], "prune.allocator_options.delta"),
+    (["prune.allocate=loss", "prune.allocator_options={nope: 1}"], "prune.allocator_options.nope"),
+])
+def test_an_allocator_a_method_cannot_use_is_one_line_before_any_work(overrides, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check_config(load_config(DEMO, ["search.space={}", *overrides]))
+
+
+def test_a_search_may_not_draw_a_method_with_an_allocator_it_cannot_fill(inner_only):
+    spaced = load_config(DEMO, ["search.space={prune.method: {choice: [l1, lossvar]}, "
+                                "prune.allocate: {choice: [uniform, loss]}}"])
+    with pytest.raises(ConfigError, match="search.space: prune.method = lossvar works with prune.allocate = loss, "
+                                          "not uniform"):
+        check_config(spaced, for_search=True)
+    fine = load_config(DEMO, ["search.space={prune.method: {choice: [l1, sfp]}, prune.allocate: {choice: [uniform, loss]}}"])
+    check_config(fine, for_search=True)
+    with pytest.raises(ConfigError, match=f"prune.method = {inner_only} works with prune.allocate = uniform, not loss"):
+        check_config(load_config(DEMO, ["search.space={}", f"prune.method={inner_only}", "prune.allocate=loss"]))
+
+
+@pytest.mark.parametrize("value, says", [("2.5", "a count of blocks"), ("-1", "greater than or equal to 0"),
+                                         ("true", "not a boolean"), ("many", "prune.blocks")])
+def test_a_bad_block_count_is_one_line(value, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(DEMO, [f"prune.blocks={value}"])
 
 
 def test_search_with_missing_data_is_one_line_before_ray_starts(tmp_path):
@@ -161,3 +215,22 @@ def test_search_with_missing_data_is_one_line_before_ray_starts(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"prunepipe: error: data.root = {str(tmp_path / 'none')!r}: not a folder"]
     assert not (tmp_path / "out" / "baseline").exists()  # no dense baseline was trained first
+
+
+def test_a_block_count_beyond_the_architectures_identity_blocks_is_one_line():
+    with pytest.raises(ConfigError, match="prune.blocks = 6: resnet18 has only 5 blocks that can be removed"):
+        check_config(load_config(DEMO, ["search.space={}", "prune.blocks=6"]))
+    check_config(load_config(DEMO, ["search.space={}", "prune.blocks=5"]))
+    spaced = load_config(DEMO, ["search.space={prune.blocks: {choice: [0, 2, 7]}}"])
+    with pytest.raises(ConfigError, match="search.space: prune.blocks = 7"):
+        check_config(spaced, for_search=True)
+
+
+def test_the_imagenet_search_draws_every_seed_method_at_scope_all_and_block_counts():
+    from pipeline.config import sampler_values
+
+    cfg = load_config(ROOT / "configs" / "imagenet_resnet101.yaml", ["model.weights=null"])
+    assert cfg.prune.scope == "all" and cfg.model.arch == "resnet101"
+    assert {"sfp", "autopruner", "lossvar", "abp", "ista"} <= set(sampler_values(cfg.search.space["prune.method"]))
+    assert max(sampler_values(cfg.search.space["prune.blocks"])) > 0
+    check_config(cfg, for_search=True)  # every (method, scope, blocks) pair it may draw

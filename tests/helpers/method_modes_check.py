@@ -1,6 +1,8 @@
 """Run under `torchrun --standalone --nproc_per_node=2`: every registered method in every mode it
 has, under real DDP (gloo). A mode is the method's default options, or the default with one
-boolean option flipped, so a new method or a new switch is covered by being declared.
+boolean option flipped, so a new method or a new switch is covered by being declared; a method
+whose ``scopes`` include "all" also runs its default options at ``prune.scope: all``
+(mode ``scope=all``: residual streams pruned too), so declaring the scope is what covers it.
 
 ``lifecycle OUT DATA``: prepare → several DDP steps through the engine's ``train_epoch`` →
 keep_masks, for every method × mode; writes ``{"method[mode]": masks equal on every rank}``.
@@ -40,20 +42,31 @@ FAST: dict[str, dict] = {"autopruner": {"vote_window": 4, "alpha_window": 1}, "l
 PRUNE_EPOCHS, KILL_AFTER = 5, 2
 
 
+SCOPE_ALL = "scope=all"  # the default options at prune.scope=all
+
+
 def modes(name: str) -> dict[str, dict]:
-    """``{"default": {}, "stagewise=False": {...}, ...}``: the defaults and each bool flipped."""
+    """``{"default": {}, "stagewise=False": {...}, ..., "scope=all": {}}``: the defaults, each
+    bool flipped (at scope inner), and the defaults at scope all if the method declares it."""
+    cls = get_method_class(name)
     out = {"default": {}}
-    for key, field in get_method_class(name).Options.model_fields.items():
+    for key, field in cls.Options.model_fields.items():
         if field.annotation is bool:
             out[f"{key}={not field.default}"] = {key: not field.default}
+    if "all" in cls.scopes:
+        out[SCOPE_ALL] = {}
     return out
 
 
-def _lifecycle(name: str, options: dict, info, data_root: str, steps: int = 6) -> bool:
+def scope_of(mode: str) -> str:
+    return "all" if mode == SCOPE_ALL else "inner"
+
+
+def _lifecycle(name: str, options: dict, info, data_root: str, steps: int = 6, scope: str = "inner") -> bool:
     cfg = DataConfig(root=data_root, image_size=16, batch_size=16, augment="none")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4)
-    groups = find_groups(model, 16, "inner")
+    groups = find_groups(model, 16, scope)
     method = get_method_class(name)(groups, 0.5, seed=0, image_size=16, options={**FAST.get(name, {}), **options})
     method.prepare(model)
     if method.training_aware:
@@ -75,7 +88,8 @@ def _lifecycle(name: str, options: dict, info, data_root: str, steps: int = 6) -
     return True
 
 
-def _trial(name: str, options: dict, data_root: str, out: Path, keep_checkpoint: Path | None = None):
+def _trial(name: str, options: dict, data_root: str, out: Path, keep_checkpoint: Path | None = None,
+           scope: str = "inner"):
     """``run_trial`` in ``out``; returns (masks, final weights). With ``keep_checkpoint``, the
     checkpoint of pruning epoch ``KILL_AFTER`` is copied there the moment it is written: what a
     job killed right then leaves behind (the runs are deterministic, so a second, killed run
@@ -85,6 +99,7 @@ def _trial(name: str, options: dict, data_root: str, out: Path, keep_checkpoint:
         "data.num_workers=0", f"prune.method={name}", f"prune.epochs={PRUNE_EPOCHS}", "prune.prune_ratio=0.5",
         f"train.budget_epochs={PRUNE_EPOCHS + 1}", "train.bn_recalib_batches=1", "measure.rounds=2",
         "measure.warmup=0", "measure.attempts=1", "registry.enabled=false", f"output_dir={out}",
+        f"prune.scope={scope}",
     ]
     overrides += [f"prune.options.{name}.{k}={json.dumps(v)}" for k, v in {**FAST.get(name, {}), **options}.items()]
     cfg = load_config(ROOT / "configs" / "demo.yaml", overrides)
@@ -119,10 +134,10 @@ def _trial(name: str, options: dict, data_root: str, out: Path, keep_checkpoint:
     return masks, weights
 
 
-def _resume(name: str, options: dict, data_root: str, work: Path) -> dict:
-    whole = _trial(name, options, data_root, work / "whole", keep_checkpoint=work / "killed")
+def _resume(name: str, options: dict, data_root: str, work: Path, scope: str = "inner") -> dict:
+    whole = _trial(name, options, data_root, work / "whole", keep_checkpoint=work / "killed", scope=scope)
     dist.barrier()  # the copied checkpoint is there for every rank
-    resumed = _trial(name, options, data_root, work / "killed")
+    resumed = _trial(name, options, data_root, work / "killed", scope=scope)
     same_weights = whole[1].keys() == resumed[1].keys() and all(torch.equal(whole[1][k], resumed[1][k])
                                                                 for k in whole[1])
     if not get_method_class(name).training_aware:
@@ -146,9 +161,9 @@ def main(job: str, out: str, data_root: str, names: list[str]) -> None:
         for mode, options in modes(name).items():
             key = f"{name}[{mode}]"
             if job == "lifecycle":
-                result[key] = _lifecycle(name, options, info, data_root)
+                result[key] = _lifecycle(name, options, info, data_root, scope=scope_of(mode))
             else:
-                result[key] = _resume(name, options, data_root, work / key.replace("=", "-"))
+                result[key] = _resume(name, options, data_root, work / key.replace("=", "-"), scope=scope_of(mode))
     if info.is_main:
         Path(out).write_text(json.dumps(result))
     dist.barrier()
