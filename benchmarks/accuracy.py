@@ -2,6 +2,7 @@
 
     python benchmarks/accuracy.py                      # the full protocol (make bench-accuracy)
     python benchmarks/accuracy.py --seeds 0 --methods l1 sfp --targets 0.5   # a quick look
+    python benchmarks/accuracy.py --variants l1@all abp@all ista@all autopruner@all l1+b2 lossvar+b2
 
 Protocol, on scikit-learn's real handwritten digits (32×32):
 - a dense ResNet-18 trained once to a baseline (``--baseline-epochs``), then pruned by every
@@ -16,55 +17,126 @@ Protocol, on scikit-learn's real handwritten digits (32×32):
   reduction, measured CPU throughput (dense vs pruned side by side), speed-up efficiency and
   wall time. Single process: the protocol compares methods, DDP is tested elsewhere.
 
-The table is printed, written to ``--out`` and logged to MLflow (one run per target × method).
+Variants (``--variants``, instead of ``--methods``): ``METHOD[@SCOPE][+bN]``, e.g. ``abp@all``
+(``prune.scope: all``, the residual streams too), ``l1+b2`` (``prune.blocks: 2``: the 2
+identity-shortcut blocks whose bypass raises the calibration loss least are removed first,
+docs/architecture.md "Removing whole blocks"), ``lossvar@all+b2``. A plain ``l1`` is today's
+row (scope inner, no block removed), and without ``--variants`` the rows are today's. ResNet-18
+has 5 identity blocks (layer1.0, layer1.1, layer2.1, layer3.1, layer4.1). Every variant is held
+to the same MACs targets, measured against the *dense* model: the ratio is bisected on the
+widths the method plans at the variant's scope, on the model without N blocks; lossvar, whose
+``target_macs_reduction`` is relative to the model it sees (the one without the blocks), gets
+``1 − (1 − target) · dense MACs / MACs without the blocks``. In torchvision's ResNets every
+identity block of a net has the same MACs, so that arithmetic does not depend on which blocks
+the trial's scores choose (only rounding does).
+
+The table is printed, written to ``--out`` and logged to MLflow (one run per target × row).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.speed import ratio_at  # noqa: E402
 from launch.recipe import baseline_path, run_pretrain, run_trial  # noqa: E402
 from methods import get_method_class, method_names  # noqa: E402
 from pipeline import registry  # noqa: E402
+from pipeline.blocks import identity_blocks, remove_blocks  # noqa: E402
 from pipeline.config import absolutize, build_config  # noqa: E402
 from pipeline.data.convert import write_digits  # noqa: E402
+from pipeline.measure import count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.surgery import find_groups, macs_after, macs_profile  # noqa: E402
 
 SEED_METHODS = ["sfp", "autopruner", "lossvar", "abp", "ista"]
 BASELINES = ["l1", "l2", "random"]
 PEERS = ["tp_magnitude", "tp_bnscale"]
 
 
-def uniform_ratio_for(arch: str, image_size: int, target: float, round_to: int = 1, method: str = "l1") -> float:
-    """The prune_ratio whose widths, as ``method`` plans them (``n_keep``), give ``target`` MACs
-    reduction (bisection): AutoPruner never gates the last block, so its ratio must be higher
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a method at a ``prune.scope``, after ``prune.blocks`` blocks are removed."""
+
+    method: str
+    scope: str = "inner"
+    blocks: int = 0
+
+    SYNTAX = re.compile(r"(?P<method>[a-z0-9_]+)(?:@(?P<scope>inner|all))?(?:\+b(?P<blocks>\d+))?")
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        m = cls.SYNTAX.fullmatch(text.strip())
+        if m is None:
+            raise ValueError(f"{text!r}: expected METHOD[@inner|@all][+bN], e.g. abp@all, l1+b2, lossvar@all+b2")
+        return cls(m["method"], m["scope"] or "inner", int(m["blocks"] or 0))
+
+    @property
+    def label(self) -> str:
+        """``l1`` (today's rows unchanged), ``abp@all``, ``l1+b2``, ``lossvar@all+b2``."""
+        return self.method + ("" if self.scope == "inner" else f"@{self.scope}") + (f"+b{self.blocks}" if self.blocks else "")
+
+    @property
+    def slug(self) -> str:
+        """The label as a folder name part: ``abp-all``, ``l1-b2``."""
+        return self.method + ("" if self.scope == "inner" else f"-{self.scope}") + (f"-b{self.blocks}" if self.blocks else "")
+
+
+def blocks_macs(arch: str, image_size: int, n: int) -> tuple[int, int]:
+    """The dense model's MACs and its MACs with ``n`` identity blocks removed. Which ones the
+    trial removes is decided in the trial (its calibration scores); every identity block of a
+    torchvision ResNet has the same MACs, so the last ``n`` stand in for them (checked)."""
+    model = build_model(arch, 10)
+    dense = count_macs(model, image_size)
+    names = identity_blocks(model)
+    if n > len(names):
+        raise ValueError(f"+b{n}: {arch} has {len(names)} identity-shortcut blocks")
+    cost = {dense - count_macs(remove_blocks(copy.deepcopy(model), [b]), image_size) for b in names}
+    if len(cost) > 1:
+        print(f"warning: {arch}'s identity blocks differ in MACs ({sorted(cost)}); the targets assume the "
+              "last blocks are removed", flush=True)
+    return dense, count_macs(remove_blocks(model, names[-n:] if n else []), image_size)
+
+
+def uniform_ratio_for(arch: str, image_size: int, target: float, round_to: int = 1, method: str = "l1",
+                      scope: str = "inner", blocks: int = 0) -> float:
+    """The prune_ratio whose widths, as ``method`` plans them (``n_keep``) at ``scope``, give
+    ``target`` MACs reduction against the dense model (bisection, ``benchmarks/speed.py``
+    ``ratio_at``), on the model without ``blocks`` identity blocks (the last ones: see
+    :func:`blocks_macs`): AutoPruner never gates the last block, so its ratio must be higher
     for the same MACs (with the l1 ratio it removed 43 % where 50 % was asked)."""
     model = build_model(arch, 10)
-    groups = find_groups(model, image_size, "inner")
-    profile = macs_profile(model, image_size)
-    dense = sum(profile.values())
-    cls = get_method_class(method)
-
-    def reduction(r: float) -> float:
-        planned = cls(groups, r, round_to)
-        return 1 - macs_after(profile, groups, {g.name: planned.n_keep(g) for g in groups}) / dense
-
-    lo, hi = 0.0, 0.99
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if reduction(mid) < target else (lo, mid)
-    return hi
+    dense = count_macs(model, image_size)
+    if blocks:
+        remove_blocks(model, identity_blocks(model)[-blocks:])
+    return ratio_at(model, image_size, target, method=method, scope=scope, round_to=round_to, dense_macs=dense,
+                    hi=0.99, iters=40)
 
 
-def one_run(base: dict, method: str, ratio: float, target: float, seed: int, budget: int, out: Path) -> dict:
+def lossvar_target(arch: str, image_size: int, target: float, blocks: int) -> float:
+    """lossvar's ``target_macs_reduction``, relative to the model it sees (without ``blocks``
+    blocks), for a total reduction ``target`` against the dense model."""
+    if not blocks:
+        return target
+    dense, without = blocks_macs(arch, image_size, blocks)
+    inner = 1 - (1 - target) * dense / without
+    if inner <= 0:
+        raise ValueError(f"+b{blocks}: the blocks alone remove {1 - without / dense:.1%} of the MACs, "
+                         f"target {target:.0%}")
+    return inner
+
+
+def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int, budget: int, out: Path,
+            lossvar_macs: float | None = None) -> dict:
+    method = variant.method
     aware = get_method_class(method).training_aware
     overrides = {
         "seed": seed,
@@ -72,11 +144,15 @@ def one_run(base: dict, method: str, ratio: float, target: float, seed: int, bud
         "prune.prune_ratio": ratio,
         "prune.epochs": 1 if aware else 0,
         "train.budget_epochs": budget,
-        "output_dir": str(out / f"t{int(target * 100)}-{method}-s{seed}"),
+        "output_dir": str(out / f"t{int(target * 100)}-{variant.slug}-s{seed}"),
         "registry.enabled": False,
     }
+    if variant.scope != "inner":  # today's rows keep today's overrides exactly
+        overrides["prune.scope"] = variant.scope
+    if variant.blocks:
+        overrides["prune.blocks"] = variant.blocks
     if method == "lossvar":
-        overrides["prune.options"] = {"lossvar": {"target_macs_reduction": target}}
+        overrides["prune.options"] = {"lossvar": {"target_macs_reduction": lossvar_macs or target}}
     cfg = build_config(base, overrides)
     epochs: dict[int, float] = {}
 
@@ -86,6 +162,9 @@ def one_run(base: dict, method: str, ratio: float, target: float, seed: int, bud
 
     t0 = time.perf_counter()
     final = run_trial(cfg, report=capture)
+    if variant.blocks and final.get("blocks_removed") != variant.blocks:
+        raise SystemExit(f"{variant.label}: the trial removed {final.get('blocks_removed', 0)} blocks, not "
+                         f"{variant.blocks}: does launch.recipe honour prune.blocks yet?")
     first_ft = (1 if aware else 0) + 1
     return {
         "cut": final.get("recal_val_top1", final["pruned_val_top1"]),
@@ -110,7 +189,11 @@ def mean_std(xs: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="Accuracy at equal MACs on the digits data, every method.")
-    ap.add_argument("--methods", nargs="+", default=BASELINES + PEERS + SEED_METHODS)
+    rows_of = ap.add_mutually_exclusive_group()
+    rows_of.add_argument("--methods", nargs="+", default=BASELINES + PEERS + SEED_METHODS,
+                         help="one row each, at scope inner with every block (today's rows)")
+    rows_of.add_argument("--variants", nargs="+", type=Variant.parse, default=None,
+                         help="rows as METHOD[@inner|@all][+bN] instead, e.g. abp@all l1+b2 lossvar+b2")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.75])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=3, help="total epochs after the baseline, pruning epochs included")
@@ -120,9 +203,18 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args()
-    unknown = sorted(set(args.methods) - set(method_names()))
+    variants = args.variants or [Variant(m) for m in args.methods]
+    flag = "--variants" if args.variants else "--methods"
+    unknown = sorted({v.method for v in variants} - set(method_names()))
     if unknown:
-        ap.error(f"--methods: unknown {unknown}; allowed: {', '.join(method_names())}")
+        ap.error(f"{flag}: unknown {unknown}; allowed: {', '.join(method_names())}")
+    available = len(identity_blocks(build_model(args.arch, 10)))
+    for v in variants:
+        scopes = get_method_class(v.method).scopes
+        if v.scope not in scopes:
+            ap.error(f"--variants {v.label}: {v.method} takes prune.scope {' or '.join(scopes)}")
+        if v.blocks > available:
+            ap.error(f"--variants {v.label}: {args.arch} has {available} identity-shortcut blocks")
     if args.budget < 2:
         ap.error("--budget: at least 2 (a pruning epoch and a fine-tune epoch)")
     work = Path(args.work)
@@ -145,13 +237,15 @@ def main() -> None:
     rows = []
     t_all = time.perf_counter()
     for target in args.targets:
-        for method in args.methods:
-            ratio = uniform_ratio_for(args.arch, args.image_size, target, method=method)
-            runs = [one_run(base, method, ratio, target, s, args.budget, work / "runs") for s in args.seeds]
-            row = {"target": target, "method": method, "ratio": ratio, "runs": runs}
+        for v in variants:
+            ratio = uniform_ratio_for(args.arch, args.image_size, target, method=v.method, scope=v.scope,
+                                      blocks=v.blocks)
+            inner = lossvar_target(args.arch, args.image_size, target, v.blocks) if v.method == "lossvar" else None
+            runs = [one_run(base, v, ratio, target, s, args.budget, work / "runs", inner) for s in args.seeds]
+            row = {"target": target, "method": v.label, "variant": v, "ratio": ratio, "runs": runs}
             rows.append(row)
             r0 = runs[0]
-            print(f"target {target:.0%} {method:<12} cut {mean_std([r['cut'] for r in runs]):>12} "
+            print(f"target {target:.0%} {v.label:<12} cut {mean_std([r['cut'] for r in runs]):>12} "
                   f"ft1 {mean_std([r['ft1'] for r in runs]):>12} full {mean_std([r['full'] for r in runs]):>12} "
                   f"MACs -{r0['macs_reduction']:.1%} {r0['speedup']:.2f}x", flush=True)
     table = format_table(rows, args, time.perf_counter() - t_all)
@@ -190,8 +284,10 @@ def log_to_mlflow(cfg, rows: list[dict], table: str) -> None:
     registry.connect(cfg.registry)
     for row in rows:
         with registry.mlflow.start_run(run_name=f"{row['method']}-{int(row['target'] * 100)}"):
-            registry.log_params({"method": row["method"], "target_macs_reduction": row["target"],
-                                 "prune_ratio": row["ratio"], "seeds": len(row["runs"])})
+            v = row["variant"]
+            registry.log_params({"method": v.method, "scope": v.scope, "blocks": v.blocks,
+                                 "target_macs_reduction": row["target"], "prune_ratio": row["ratio"],
+                                 "seeds": len(row["runs"])})
             for key in ("cut", "ft1", "full", "macs_reduction", "params_reduction", "img_s", "speedup", "efficiency",
                         "wall_s"):
                 vals = [r[key] for r in row["runs"]]

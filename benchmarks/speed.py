@@ -24,31 +24,65 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from methods import get_method_class  # noqa: E402
+from methods import Budget, SelectContext, get_method_class  # noqa: E402
+from methods.allocate import Uniform  # noqa: E402
 from pipeline.bench import BenchModel, run_bench  # noqa: E402
 from pipeline.measure import count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.surgery import apply_masks, find_groups, macs_after, macs_profile, prune_model  # noqa: E402
 
 
-def l1_at(dense, size: int, target: float, scope: str, round_to: int):
-    """L1-pruned copy whose MACs reduction is closest to ``target`` (bisection on the ratio)."""
-    groups = find_groups(dense, size, scope)
-    profile = macs_profile(dense, size)
-    total = float(sum(profile.values()))
-    lo, hi = 0.0, 0.95
-    for _ in range(30):
+def ratio_at(model, size: int, target: float, *, method: str = "l1", scope: str = "inner", round_to: int = 1,
+             options: dict | None = None, dense_macs: int | None = None, hi: float = 0.95, iters: int = 30) -> float:
+    """The uniform ``prune_ratio`` whose widths, as ``method`` plans them on ``model`` (the
+    uniform allocator's counts, then the method's ``n_keep``: AutoPruner keeps its last block
+    whole), give ``target`` MACs reduction, by bisection. The reduction is measured against
+    ``dense_macs`` (default: ``model``'s own MACs): pass the dense model's MACs when ``model``
+    already lost whole blocks, so a target means the same for every row. 0 when the blocks
+    alone already remove ``target``."""
+    groups = find_groups(model, size, scope)
+    profile = macs_profile(model, size)
+    total = float(dense_macs or sum(profile.values()))
+    cls = get_method_class(method)
+
+    def reduction(r: float) -> float:
+        planned = cls(groups, r, round_to, options, image_size=size)
+        planned.set_counts(Uniform().allocate(model, groups, Budget(r, round_to)))
+        return 1 - macs_after(profile, groups, {g.name: planned.n_keep(g) for g in groups}) / total
+
+    if reduction(0.0) >= target:
+        return 0.0
+    lo = 0.0
+    for _ in range(iters):
         mid = (lo + hi) / 2
-        method = get_method_class("l1")(groups, mid, round_to=round_to)
-        kept = {g.name: method.n_keep(g) for g in groups}
-        if 1 - macs_after(profile, groups, kept) / total < target:
+        if reduction(mid) < target:
             lo = mid
         else:
             hi = mid
-    model = copy.deepcopy(dense)
-    masks = get_method_class("l1")(groups, hi, round_to=round_to).keep_masks(model)
+    return hi
+
+
+def pruned_by(dense, size: int, method: str, ratio: float, *, scope: str = "inner", round_to: int = 1,
+              options: dict | None = None, seed: int = 0):
+    """A copy of ``dense`` cut by ``method`` through its life cycle, as ``launch.recipe`` runs
+    it minus the training: uniform widths (``set_counts``) → ``prepare`` → ``keep_masks`` →
+    ``finalize`` → ``apply_masks`` → ``prune_model``. With random weights the choice of
+    channels is arbitrary, but the shapes, and so the speed, are the method's."""
+    model = copy.deepcopy(dense).eval()
+    groups = find_groups(model, size, scope)
+    m = get_method_class(method)(groups, ratio, round_to, options, seed=seed, image_size=size)
+    m.set_counts(Uniform().allocate(model, groups, Budget(ratio, round_to)))
+    m.prepare(model)
+    masks = m.keep_masks(model, SelectContext(image_size=size))
+    m.finalize(model, masks)
     apply_masks(model, groups, masks)
-    return prune_model(model, groups, masks, size), hi
+    return prune_model(model, groups, masks, size).eval()
+
+
+def l1_at(dense, size: int, target: float, scope: str, round_to: int):
+    """L1-pruned copy whose MACs reduction is closest to ``target`` (bisection on the ratio)."""
+    ratio = ratio_at(dense, size, target, scope=scope, round_to=round_to)
+    return pruned_by(dense, size, "l1", ratio, scope=scope, round_to=round_to), ratio
 
 
 def torch_pruning_at(dense, size: int, target: float, round_to: int):
