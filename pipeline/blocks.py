@@ -39,7 +39,7 @@ from torch import nn
 
 from pipeline.config import ConfigError
 from pipeline.errors import PrunepipeError
-from pipeline.spec import identity_blocks, removed_blocks, replace_by_identity
+from pipeline.spec import downsamples, identity_blocks, removed_blocks, replace_by_identity
 
 if TYPE_CHECKING:
     from pipeline.distributed import DistInfo
@@ -70,11 +70,7 @@ def check_blocks(model: nn.Module, names: Sequence[str], what: str = "blocks") -
             continue
         if name in gone:
             raise BlockError(f"{what}: {name!r} is already removed")
-        try:
-            module = model.get_submodule(name) if name else None
-        except AttributeError:
-            module = None
-        if module is not None and getattr(module, "downsample", None) is not None:
+        if downsamples(model, name):
             raise BlockError(f"{what}: {name!r} downsamples (its shortcut is not the identity: input and output "
                              "shapes differ), so it cannot be removed")
         raise BlockError(f"{what}: {name!r:.80} is not a residual block of this model with an identity shortcut "

@@ -56,6 +56,16 @@ def layer_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
+def downsamples(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a residual block of ``model`` whose shortcut is not the identity (it
+    changes the shape: the first block of a stage), i.e. a block that cannot be removed."""
+    try:
+        module = model.get_submodule(name) if name else None
+    except AttributeError:
+        return False
+    return module is not None and getattr(module, "downsample", None) is not None
+
+
 def identity_blocks(model: nn.Module) -> list[str]:
     """Module names of the residual blocks (torchvision ``BasicBlock`` / ``Bottleneck``) whose
     shortcut is the identity (``downsample is None``: input and output shapes agree), in network
@@ -123,11 +133,7 @@ def _check_removed(spec: dict[str, Any], arch: str) -> list[str]:
             raise SpecError(f"{where}[{i}]: {name!r} is listed twice")
         seen.add(name)
         if name not in allowed:
-            try:
-                module = base.get_submodule(name) if name else None
-            except AttributeError:
-                module = None
-            if module is not None and getattr(module, "downsample", None) is not None:
+            if downsamples(base, name):
                 raise SpecError(f"{where}[{i}]: {name!r} downsamples (its shortcut is not the identity), "
                                 "so it cannot be removed")
             raise SpecError(f"{where}[{i}]: {name!r:.80} is not a residual block of {arch} "

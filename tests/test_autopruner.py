@@ -14,6 +14,7 @@ from methods.autopruner import ACTIVE, FROZEN, IDLE, AutoPrunerGate
 from pipeline.measure import count_macs
 from pipeline.surgery import apply_masks, find_groups, prune_model
 from tests.conftest import ROOT
+from tests.helpers.factories import method_step
 from tests.helpers.procs import torchrun
 from tests.lifecycle import calib
 
@@ -41,15 +42,7 @@ def _train(method, model, steps, size=16, lr=0.05):
     method.on_train_start(model, steps_per_epoch=steps, epochs=1)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     for i in range(steps):
-        x, y = calib(16, size, seed=i)[0]
-        model.train()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        extra = method.loss_term(model)
-        loss = loss + extra if extra is not None else loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_step(model, opt)
+        method_step(method, model, opt, *calib(16, size, seed=i)[0])
 
 
 # --- the authors' schedule ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torchvision
 from methods import gates, get_method_class
 from methods.autopruner import ACTIVE, FROZEN
 from pipeline.surgery import apply_masks, find_groups, prune_model
+from tests.helpers.factories import method_step
 from tests.lifecycle import calib, randomise_bn
 
 METHODS = ("abp", "autopruner")
@@ -28,15 +29,7 @@ def _setup(name, arch="resnet18", size=16, ratio=0.5, round_to=1, seed=0, **opti
 
 
 def _step(method, model, opt, i, size=16):
-    x, y = calib(8, size, seed=i)[0]
-    model.train()
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    extra = method.loss_term(model)
-    loss = loss + extra if extra is not None else loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    method.after_step(model, opt)
+    method_step(method, model, opt, *calib(8, size, seed=i)[0])
 
 
 def _optimizer(method, model, lr=0.02):

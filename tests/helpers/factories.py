@@ -132,3 +132,17 @@ def macs_timer(noise=None):
         return cache[id(model)][1] * (noise(rng) if noise else 1.0)
 
     return timer
+
+
+def method_step(method, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                labels: torch.Tensor) -> None:
+    """One training step as the engine takes it: the task loss plus the method's own term,
+    backward, the optimizer step, then the method's ``after_step``."""
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    extra = method.loss_term(model)
+    loss = loss + extra if extra is not None else loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    method.after_step(model, optimizer)
