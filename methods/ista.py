@@ -64,7 +64,10 @@ exact). A consumer conv with neither a BN after it nor a bias is left to fine-tu
 training mode BN re-estimates its mean anyway, so fine-tuning absorbs any shift.
 
 Project choice, as for the other learned methods: ``exact_budget: true`` (default) prunes
-exactly the configured count per layer, smallest score first (zeros first); a pruned channel
+exactly the configured count per layer (the width allocator's count, ``n_keep``: with
+``prune.allocate: loss`` each group its own), smallest score first (zeros first); the penalty
+itself knows no count, as in the authors' method: ρ decides how many reach 0, the count which
+go; a pruned channel
 whose γ is not yet 0 is folded as if it were (its constant with γ = 0), and the fine-tune
 absorbs the rest. ``false`` prunes exactly the channels whose score reached 0.
 """

@@ -6,6 +6,10 @@ smallest L2 norm are set to zero. Only the conv filters are zeroed, as in the au
 untouched and the BN keeps its γ and β, so a zeroed filter gets gradient again and can come back
 the next epoch (the "soft").
 
+How many a cut group soft-prunes is the width allocator's count for it (``n_keep``; the uniform
+allocator gives the authors' ``floor(N·prune_ratio)`` rule); a conv soft-pruned that is not a
+cut group (the stem and conv3 under ``scope: inner``) keeps the uniform rate.
+
 **Where the soft masks go** (``soft_scope``):
 
 - ``authors`` (default): every conv but the projection shortcuts, each conv on its own — the
