@@ -47,7 +47,6 @@ from torch import nn
 
 from methods import gates
 from methods.base import Method, SelectContext, register_method
-from pipeline.surgery import structured_topk
 
 
 class ABPOptions(BaseModel):
@@ -116,18 +115,15 @@ class AddingBeforePruning(Method):
         terms = [(att.mask().mean() - self.n_keep(g) / g.size) ** 2 for g, att in gates.layers(model, self.groups)]
         return self.options.budget_weight * torch.stack(terms).sum() if terms else None
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        masks = {}
-        self.on_fraction = {}
-        for g, att in gates.layers(model, self.groups):
-            score = att.score.detach().double().cpu()
-            self.on_fraction[g.name] = float((score > 0).double().mean())
-            if self.options.exact_budget:
-                k = self.n_keep(g)
-            else:
-                k = max(g.channel_groups, int((score > 0).sum()))
-            masks[g.name] = structured_topk(score, k, g.channel_groups)
-        return masks
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """Each channel's attention score s (b = 1 where s > 0)."""
+        out = {g.name: att.score.detach().double().cpu() for g, att in gates.layers(model, self.groups)}
+        self.on_fraction = {name: float((s > 0).double().mean()) for name, s in out.items()}
+        return out
+
+    def kept(self, group, scores: torch.Tensor) -> int:
+        # exact budget: the allocator's count; else the channels left on (b = 1)
+        return self.n_keep(group) if self.options.exact_budget else max(group.channel_groups, int((scores > 0).sum()))
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         gates.remove(model, self.groups)

@@ -98,7 +98,7 @@ from torch import nn
 
 from methods import gates
 from methods.base import Method, SelectContext, register_method
-from pipeline.surgery import ChannelGroup, example_input, structured_topk
+from pipeline.surgery import ChannelGroup, example_input
 
 IDLE, ACTIVE, FROZEN = 0, 1, 2
 _THRESHOLD_START, _THRESHOLD_STEP = 95.0, 5.0  # authors' collapse guard, in % of pruned channels
@@ -376,17 +376,21 @@ class AutoPruner(Method):
         """The configured width of a gated group; an ungated one (the last block) keeps all."""
         return super().n_keep(group) if group.name in self._gated_names else group.size
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        masks = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}  # ungated: all kept
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """The last window's vote share, then the last mean v as a tie-break in [0, 1); an
+        ungated group (the last block) scores alike and keeps every channel (``n_keep``)."""
+        out = {g.name: torch.ones(g.size, dtype=torch.float64) for g in self.groups}
         for g in self.gated:
             share = self.share.get(g.name, torch.ones(g.size)).double()
-            # rank by the last window's vote share, then by the last mean v (a tie-break in [0, 1))
-            score = share + 1e-3 * self.last_v.get(g.name, torch.zeros(g.size)).double()
-            # exact budget: the configured count; else the majority-vote code's own count
-            # (structured_topk keeps at least one channel per conv group if the code is empty)
-            k = self.n_keep(g) if self.options.exact_budget else int(self._code(g).sum())
-            masks[g.name] = structured_topk(score, k, g.channel_groups)
-        return masks
+            out[g.name] = share + 1e-3 * self.last_v.get(g.name, torch.zeros(g.size)).double()
+        return out
+
+    def kept(self, group: ChannelGroup, scores: torch.Tensor) -> int:
+        # exact budget: the allocator's count; else the majority-vote code's own count
+        # (structured_topk keeps at least one channel per conv group if the code is empty)
+        if self.options.exact_budget or group.name not in self._gated_names:
+            return self.n_keep(group)
+        return int(self._code(group).sum())
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         gates.remove(model, self.groups)

@@ -14,6 +14,7 @@ norm-based ones are, because DDP keeps weights identical; batch-dependent ones a
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -124,7 +125,7 @@ class SelectContext:
     image_size: int = 224
 
 
-class Method:
+class Method(ABC):
     """Base class of every pruning method. Subclass, set ``name``, decorate with @register_method.
 
     Life cycle, as the recipe calls it: ``prepare`` (add layers, rescale) → pruning-phase
@@ -144,8 +145,8 @@ class Method:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name and cls.scores is Method.scores and cls.keep_masks is Method.keep_masks:
-            raise TypeError(f"method {cls.name!r} must define scores() or keep_masks()")
+        if cls.name and getattr(cls.scores, "__isabstractmethod__", False):
+            raise TypeError(f"method {cls.name!r} must define scores()")
 
     @classmethod
     def budget_knob(cls, options: BaseModel, prune: Mapping[str, Any]) -> Knob:
@@ -226,16 +227,22 @@ class Method:
         check_counts(self.groups, counts, f"{self.name} counts")
         self.counts = dict(counts)
 
+    @abstractmethod
     def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         """A score per channel of every group (higher = more worth keeping), by the method's criterion."""
-        raise NotImplementedError(f"{type(self).__name__} defines keep_masks instead of scores")
+
+    def kept(self, group: ChannelGroup, scores: torch.Tensor) -> int:
+        """How many of ``group``'s channels the masks keep: the allocator's count (``n_keep``). A
+        learned method's ``exact_budget: false`` keeps its own decision instead (read from its scores)."""
+        return self.n_keep(group)
 
     def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        """Final keep-mask per channel group (True = keep): the ``n_keep`` best-scored channels."""
+        """Final keep-mask per channel group (True = keep): the ``kept`` best-scored channels."""
         from pipeline.surgery import structured_topk
 
         scores = self.scores(model, ctx)
-        return {g.name: structured_topk(scores[g.name], self.n_keep(g), g.channel_groups) for g in self.groups}
+        return {g.name: structured_topk(scores[g.name], self.kept(g, scores[g.name]), g.channel_groups)
+                for g in self.groups}
 
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         """Undo :meth:`prepare` in place so that the plain architecture is left for surgery,

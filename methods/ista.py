@@ -81,7 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from methods.base import Method, SelectContext, register_method
-from pipeline.surgery import ChannelGroup, macs_profile, structured_topk
+from pipeline.surgery import ChannelGroup, macs_profile
 
 
 class IstaOptions(BaseModel):
@@ -171,15 +171,14 @@ class IstaBN(Method):
             return gammas[0].abs()
         return torch.stack(gammas).norm(dim=0)
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        masks = {}
-        self.zeros = {}
-        for g in self.groups:
-            gamma = self.channel_scores(model, g)
-            self.zeros[g.name] = int((gamma == 0).sum())
-            k = self.n_keep(g) if self.options.exact_budget else max(g.channel_groups, int((gamma > 0).sum()))
-            masks[g.name] = structured_topk(gamma, k, g.channel_groups)
-        return masks
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        out = {g.name: self.channel_scores(model, g) for g in self.groups}
+        self.zeros = {name: int((s == 0).sum()) for name, s in out.items()}
+        return out
+
+    def kept(self, group: ChannelGroup, scores: torch.Tensor) -> int:
+        # exact budget: the allocator's count; else every channel whose scale has not reached 0
+        return self.n_keep(group) if self.options.exact_budget else max(group.channel_groups, int((scores > 0).sum()))
 
     @torch.no_grad()
     def finalize(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:

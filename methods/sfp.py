@@ -145,11 +145,11 @@ class SoftFilterPruning(Method):
     def load_state(self, state: dict[str, Any]) -> None:
         self.masks = {k.removeprefix("mask."): v for k, v in state.items() if k.startswith("mask.")}
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
-        # The cut's groups, selected afresh: after the last soft step the zeroed filters have
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        # The cut's groups, scored afresh: after the last soft step the zeroed filters have
         # norm 0, so a single-producer group gets its last soft mask back; a residual group
         # (scope all) sums its producers' norms. This also covers a run with no pruning epoch.
-        return self._select(model, self.groups)
+        return {g.name: filter_norms(model, g, 2) for g in self.groups}
 
     def summary(self) -> dict[str, Any]:
         return {} if self._soft_reduction is None else {"soft_macs_reduction": self._soft_reduction}

@@ -20,14 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from methods.base import Method, SelectContext, register_method
-from pipeline.surgery import example_input, structured_topk
+from pipeline.surgery import example_input
 
 
 class _TPImportance(Method):
     def importance(self) -> Any:
         raise TypeError("subclasses name their Torch-Pruning importance")
 
-    def keep_masks(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+    def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         was_training = model.training
         model.eval()
         with torch.enable_grad():
@@ -36,14 +36,13 @@ class _TPImportance(Method):
                 verbose=False)
         model.train(was_training)
         imp = self.importance()
-        masks = {}
+        out = {}
         with torch.no_grad():
             for g in self.groups:
                 root = model.get_submodule(g.name)
                 group = dg.get_pruning_group(root, tp.prune_conv_out_channels, idxs=list(range(g.size)))
-                scores = imp(group)
-                masks[g.name] = structured_topk(scores.detach().double().cpu(), self.n_keep(g), g.channel_groups)
-        return masks
+                out[g.name] = imp(group).detach().double().cpu()
+        return out
 
 
 @register_method

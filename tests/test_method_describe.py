@@ -99,8 +99,11 @@ class _MacsBudget(Method):
             return super().budget_knob(options, prune)
         return Knob("MACs kept", options.budget, option="budget", symbol="m", fmt=".0%")
 
-    def keep_masks(self, model, ctx=None) -> dict[str, torch.Tensor]:
-        return {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+    def scores(self, model, ctx=None) -> dict[str, torch.Tensor]:
+        return {g.name: torch.ones(g.size) for g in self.groups}
+
+    def kept(self, group, scores) -> int:
+        return group.size
 
 
 @pytest.fixture
