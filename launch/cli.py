@@ -254,6 +254,39 @@ def _log_bench(args: argparse.Namespace, table: str, plot: Path | None) -> None:
             print(f"logged to the run of {src} (run {mv.run_id})")
 
 
+def cmd_latency_table(args: argparse.Namespace) -> int:
+    """Build (or read back) the latency table of the config's model on this device, in the
+    timing mode its trials measure in, and print what it holds and how long it took."""
+    import torch
+
+    from launch.recipe import timing_protocol
+    from pipeline.data.loaders import build_loader
+    from pipeline.latency import load_or_build, table_key
+    from pipeline.models import build_model
+    from pipeline.progress import progress
+    from pipeline.surgery import find_groups
+
+    cfg = _read(args)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    classes = build_loader(cfg.data, "val", 0, 1, device, cfg.seed).num_classes
+    dense = build_model(cfg.model.arch, classes, cfg.model.weights).eval().to(device)
+    groups = find_groups(dense, cfg.data.image_size, cfg.prune.scope)
+    protocol = timing_protocol(cfg, device)
+    opts = cfg.measure.latency_table
+    key = table_key(protocol, cfg.model.arch, cfg.data.image_size, classes, cfg.prune.scope, cfg.prune.round_to,
+                    opts.levels)
+    with progress(desc="latency table", unit="point") as shown:
+        def advance(done: int, total: int) -> None:
+            shown.total = total
+            shown.update(done - shown.n)
+
+        table, path, built = load_or_build(dense, groups, protocol, key, opts.cache_dir, rebuild=args.rebuild,
+                                           reps=opts.reps, warmup=opts.warmup, progress=advance)
+    print(table.summary())
+    print(f"{'built and written to' if built else 'read from'} {path}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """ONNX with a dynamic batch, checked against PyTorch, timed in ONNX Runtime against dense;
     for a ``models:/`` URI also logged to the version's run and its numbers set as version tags."""
@@ -390,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a speed-up vs MACs-reduction plot (PNG) here")
     p.add_argument("--log-mlflow", action="store_true", help="attach the table and plot to each models:/ version's run")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("latency-table", help="time the model's pieces on this device (the latency allocator's table)",
+                       description="Time every piece of the config's architecture (each conv with the BatchNorm, "
+                       "ReLU and residual add after it) at the widths pruning can give it, in the measure section's "
+                       "batch, precision and memory format, and cache the table for the trials of this device.")
+    _add_config_args(p)
+    p.add_argument("--rebuild", action="store_true", help="time it again even if a valid cached table exists")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_latency_table)
 
     p = sub.add_parser("export", help="export a pruned model to ONNX and time it in ONNX Runtime",
                        description="Write MODEL as ONNX (dynamic batch), check its logits against PyTorch's, and "

@@ -321,15 +321,19 @@ def cut(trial: Trial) -> None:
         trial.summary.update({f"recal_{k}": v for k, v in trial.evaluate().items()})
 
 
+def timing_protocol(cfg: Config, device: torch.device) -> TimingConfig:
+    """How a trial on ``device`` times its models: with every core (or measure.threads), whatever
+    a Ray worker's own thread count, in the precision and memory format the model trained with."""
+    return TimingConfig.from_config(cfg.measure, device, amp_dtype(cfg.train.amp, device),
+                                    use_channels_last(cfg.train.channels_last, device))
+
+
 def measure(trial: Trial) -> None:
     """Rank 0 times dense and pruned side by side while the other ranks wait; report the cut."""
     cfg, info = trial.cfg, trial.info
     result = None
     if info.is_main:
-        # the protocol times both models with every core (or measure.threads), whatever a Ray
-        # worker's own thread count, in the precision and memory format the model trained with
-        protocol = TimingConfig.from_config(cfg.measure, info.device, amp_dtype(cfg.train.amp, info.device),
-                                            use_channels_last(cfg.train.channels_last, info.device))
+        protocol = timing_protocol(cfg, info.device)
         result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size, protocol)
     barrier(info)
     trial.summary.update(broadcast_object(result, info))

@@ -290,6 +290,25 @@ class BaselineConfig(_Strict):
     warmup_epochs: int = Field(1, ge=0)  # from scratch, a linear warm-up keeps BN statistics sane
 
 
+class LatencyTableConfig(_Strict):
+    """How the latency table of the device is built (pipeline/latency.py): the fractions of each
+    dense width a piece is timed at, the calls per grid point, and where tables are cached (one
+    file per device, torch, timing mode, architecture and scope)."""
+
+    levels: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
+                                min_length=1)
+    reps: int = Field(3, ge=1, le=100)  # timed calls per grid point; the median is kept
+    warmup: int = Field(1, ge=0, le=100)
+    cache_dir: str = "runs/latency-tables"
+
+    @field_validator("levels")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= 1 for v in value):
+            raise ValueError(f"{value!r}: fractions of the dense width, each in (0, 1]")
+        return sorted(set(value))
+
+
 class MeasureConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     warmup: int = Field(3, ge=0)
@@ -308,6 +327,7 @@ class MeasureConfig(_Strict):
     # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
     fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
+    latency_table: LatencyTableConfig = Field(default_factory=LatencyTableConfig)
 
 
 class SearchSpaceEntry(_Strict):
@@ -584,6 +604,9 @@ def absolutize(cfg: Config) -> Config:
     if train.deepspeed_config:
         train = train.model_copy(update={"deepspeed_config": str(Path(train.deepspeed_config).resolve())})
     updates["train"] = train
+    table = cfg.measure.latency_table.model_copy(
+        update={"cache_dir": str(Path(cfg.measure.latency_table.cache_dir).resolve())})
+    updates["measure"] = cfg.measure.model_copy(update={"latency_table": table})
     reg = cfg.registry
     if reg.tracking_uri.startswith("sqlite:///") and not reg.tracking_uri.startswith("sqlite:////"):
         path = Path(reg.tracking_uri.removeprefix("sqlite:///")).resolve()
