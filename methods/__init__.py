@@ -7,6 +7,7 @@ Importing this package registers every built-in method.
 from methods import abp as _abp  # noqa: E402,F401
 from methods import autopruner as _autopruner  # noqa: E402,F401
 from methods import ista as _ista  # noqa: E402,F401
+from methods import latency_alloc as _latency_alloc  # noqa: E402,F401
 from methods import lossvar as _lossvar  # noqa: E402,F401
 from methods import norm as _norm  # noqa: E402,F401
 from methods import sfp as _sfp  # noqa: E402,F401

@@ -39,6 +39,7 @@ class Budget:
 
     prune_ratio: float
     round_to: int = 1
+    target_speedup: float | None = None  # a measured speed-up to reach (the latency allocator)
 
 
 def register_allocator(cls: type[Allocator]) -> type[Allocator]:

@@ -123,6 +123,10 @@ class SelectContext:
     # this rank's share of a fixed calibration set (methods with ``calibration_samples``)
     calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     image_size: int = 224
+    # for allocators that need them (the latency allocator): the method's channel scores and the
+    # device's latency table (pipeline/latency.py)
+    scores: dict[str, torch.Tensor] | None = None
+    latency_table: Any = None
 
 
 class Method(ABC):
