@@ -178,7 +178,9 @@ def test_a_search_may_not_draw_a_method_with_a_scope_it_cannot_use(inner_only):
 
 
 @pytest.mark.parametrize("overrides, says", [
-    (["prune.allocate=latency"], "prune.allocate: unknown width allocator 'latency'; allowed: loss, uniform"),
+    (["prune.allocate=speed"], "prune.allocate: unknown width allocator 'speed'; allowed: latency, loss, uniform"),
+    # registered, but no method offers it yet
+    (["prune.allocate=latency"], "prune.method = l1 works with prune.allocate = uniform or loss, not latency"),
     (["prune.method=lossvar", "prune.allocate=uniform"],
      "prune.method = lossvar works with prune.allocate = loss, not uniform"),
     (["prune.allocate=loss", "prune.allocator_options={delta: -1}"], "prune.allocator_options.delta"),
