@@ -58,7 +58,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pipeline.errors import PrunepipeError
-from pipeline.measure import Timer, make_timer, time_models
+from pipeline.measure import Timer, make_timer, time_models, torch_threads
 from pipeline.spec import STAGES, removed_blocks
 
 if TYPE_CHECKING:
@@ -249,13 +249,12 @@ class LatencyTable:
     half_pieces_s: float  # that model's pieces, summed
     build_s: float = 0.0
     _by_name: dict[str, TimedPiece] = field(default_factory=dict, repr=False)
+    pieces_dense_s: float = field(default=0.0, init=False)  # the dense model's pieces, summed
 
     def __post_init__(self) -> None:
         self._by_name = {t.piece.name: t for t in self.timed}
-
-    @property
-    def pieces_dense_s(self) -> float:
-        return float(sum(t.cost(t.piece.dense_in, t.piece.dense_out)[0, 0] for t in self.timed))
+        # once: every prediction's anchor line needs it
+        self.pieces_dense_s = float(sum(t.cost(t.piece.dense_in, t.piece.dense_out)[0, 0] for t in self.timed))
 
     @property
     def line(self) -> tuple[float, float]:
@@ -474,8 +473,6 @@ def build_table(dense: nn.Module, groups: Sequence[ChannelGroup], protocol: Timi
     memory format, BN folding, threads). ``timer``: an injected clock (tests). Pieces are timed
     eager even when ``protocol.compile``: compiling hundreds of pieces would cost more than the
     trial; the anchors (compiled) carry what compilation gains overall."""
-    from pipeline.measure import _torch_threads
-
     t0 = time.perf_counter()
     timer = timer or make_timer(protocol.device, protocol.amp_dtype)
     steps = varying_steps(groups, key["round_to"])
@@ -490,7 +487,7 @@ def build_table(dense: nn.Module, groups: Sequence[ChannelGroup], protocol: Timi
     total = sum(len(ins) * len(outs) for _, ins, outs in todo.values())
     done = 0
     fmt, dev, batch = protocol.memory_format, protocol.device, protocol.batch_size
-    with _torch_threads(protocol.threads):
+    with torch_threads(protocol.threads):
         for sig, (p, ins, outs) in todo.items():
             grid = np.zeros((len(ins), len(outs)))
             for i, cin in enumerate(ins):

@@ -322,7 +322,7 @@ def prepare(models: Sequence[nn.Module], protocol: TimingConfig) -> list[nn.Modu
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -377,7 +377,7 @@ def time_models(
     sizes = [_sizes(m, image_size) for m in models]
     nets = list(prepared) if prepared is not None else prepare(models, protocol)
     batch = protocol.batch_size
-    with _torch_threads(protocol.threads):
+    with torch_threads(protocol.threads):
         x = torch.randn(batch, 3, image_size, image_size, device=protocol.device)
         x = x.contiguous(memory_format=protocol.memory_format)
         for net in nets:
