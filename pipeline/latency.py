@@ -176,7 +176,7 @@ class _PieceNet(nn.Module):
         if self.kind == "conv":
             return y
         if self.kind == "conv_add_relu":
-            y = y + self.shortcut
+            y += self.shortcut  # in place, as torchvision's blocks add (a new tensor costs its page faults)
         return self.pool(torch.relu_(y))
 
 
@@ -449,7 +449,9 @@ def table_key(protocol: TimingConfig, arch: str, image_size: int, num_classes: i
               levels: Sequence[float]) -> dict[str, Any]:
     """Everything a table's numbers depend on; a table is reused only for an equal key."""
     return {"device": device_name(protocol.device), "torch": torch.__version__, "precision": protocol.precision,
-            "batch": protocol.batch_size, "memory_format": "channels_last" if protocol.channels_last else "contiguous",
+            "batch": protocol.batch_size,
+            "memory_format": ("fastest" if protocol.fastest_format else
+                              "channels_last" if protocol.channels_last else "contiguous"),
             "fold_bn": protocol.fold_bn, "compile": protocol.compile, "threads": protocol.threads or torch.get_num_threads(),
             "arch": arch, "image_size": image_size, "num_classes": num_classes, "scope": scope, "round_to": round_to,
             "levels": [float(v) for v in levels]}
@@ -482,11 +484,17 @@ def build_table(dense: nn.Module, groups: Sequence[ChannelGroup], protocol: Timi
         ins = width_grid(p.dense_in, in_step, key["levels"]) if in_step else (p.dense_in,)
         outs = (p.dense_out,) if p.kind == "head" or not out_step else width_grid(p.dense_out, out_step, key["levels"])
         plan.append((p, ins, outs))
+    # the anchors first: timed each in its fastest memory format when the protocol says so, and
+    # the pieces then in the dense model's (the format the table's models are deployed in)
+    half = half_widths(dense, groups, key["image_size"])
+    anchors = time_models([copy.deepcopy(dense), half], key["image_size"], protocol, labels=("dense", "half"),
+                          timer=timer)
     measured: dict[tuple, np.ndarray] = {}
     todo = {p.signature(ins, outs): (p, ins, outs) for p, ins, outs in plan}
     total = sum(len(ins) * len(outs) for _, ins, outs in todo.values())
     done = 0
-    fmt, dev, batch = protocol.memory_format, protocol.device, protocol.batch_size
+    fmt = torch.channels_last if anchors[0].channels_last else torch.contiguous_format
+    dev, batch = protocol.device, protocol.batch_size
     with torch_threads(protocol.threads):
         for sig, (p, ins, outs) in todo.items():
             grid = np.zeros((len(ins), len(outs)))
@@ -500,9 +508,6 @@ def build_table(dense: nn.Module, groups: Sequence[ChannelGroup], protocol: Timi
                         progress(done, total)
             measured[sig] = grid
     timed = [TimedPiece(p, ins, outs, measured[p.signature(ins, outs)]) for p, ins, outs in plan]
-    half = half_widths(dense, groups, key["image_size"])
-    anchors = time_models([copy.deepcopy(dense), half], key["image_size"], protocol, labels=("dense", "half"),
-                          timer=timer)
     dense_s, half_s = (batch / r.img_s for r in anchors)
     table = LatencyTable(key, timed, dense_s, half_s, 1.0, build_s=0.0)
     table.half_pieces_s = sum(float(t.cost(*table_widths(half, t))[0, 0]) for t in timed)

@@ -150,6 +150,9 @@ class TimingConfig:
     channels_last: bool = False
     compile: bool = False  # torch.compile every model before timing
     threads: int = 0  # torch CPU threads while timing; 0: leave the current setting
+    # time each model in the faster of its two memory formats (contiguous, channels_last), as a
+    # deployment would run it, instead of ``channels_last`` for all (see :func:`time_models`)
+    fastest_format: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))  # "cpu", "cuda:0" accepted
@@ -167,7 +170,8 @@ class TimingConfig:
         return cls(batch_size=measure.batch_size, rounds=measure.rounds, warmup=measure.warmup,
                    max_spread=measure.max_spread, attempts=measure.attempts, max_foreign_cpu=measure.max_foreign_cpu,
                    fold_bn=measure.fold_bn, device=torch.device(device), amp_dtype=amp_dtype,
-                   channels_last=channels_last,
+                   channels_last=channels_last, fastest_format=measure.memory_format == "fastest",
+                   compile=measure.compile == "on",
                    # 0 means every core: a Ray worker is pinned to one thread, and timing with
                    # it would measure a machine nobody deploys on
                    threads=measure.threads or os.cpu_count() or 1)
@@ -212,6 +216,10 @@ class SpeedResult:
     dense_params: int = 0
     latency_p50_ms: float | None = None  # batch 1 only: over the rounds' per-call medians
     latency_p90_ms: float | None = None
+    # the memory formats this model and the reference ran in (they differ when each was timed
+    # in its fastest); None: the protocol's
+    in_channels_last: bool | None = None
+    dense_in_channels_last: bool | None = None
 
     @property
     def spread(self) -> float:
@@ -241,7 +249,7 @@ class SpeedResult:
 
     @property
     def channels_last(self) -> bool:
-        return self.protocol.channels_last
+        return self.protocol.channels_last if self.in_channels_last is None else self.in_channels_last
 
     @property
     def compiled(self) -> bool:
@@ -260,7 +268,9 @@ class SpeedResult:
         every |= {"dense_img_s": self.dense_img_s, "img_s": self.img_s, "speedup": self.speedup,
                   "speedup_low": self.speedup_low, "speedup_high": self.speedup_high, "speed_spread": self.spread,
                   "speed_rounds": self.rounds, "speed_reliable": float(self.reliable),
-                  "speed_foreign_cpu": self.foreign_cpu}
+                  "speed_foreign_cpu": self.foreign_cpu, "channels_last": float(self.channels_last),
+                  "dense_channels_last": float(self.protocol.channels_last if self.dense_in_channels_last is None
+                                               else self.dense_in_channels_last)}
         if self.macs and self.dense_macs:
             # 1.0 = every MAC removed turned into speed; pruning tools are often far below
             every |= {"macs_speedup": self.macs_speedup, "speedup_efficiency": self.speedup / self.macs_speedup}
@@ -289,10 +299,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def interleaved_times(
-    models: list[nn.Module], x: torch.Tensor, rounds: int, per_round: int, timer: Timer
+    models: list[nn.Module], x: torch.Tensor | Sequence[torch.Tensor], rounds: int, per_round: int, timer: Timer
 ) -> list[list[float]]:
     """Seconds per batch of each model in each round (median of ``per_round`` calls); the
-    order rotates every round, so no model always runs first (or right after another)."""
+    order rotates every round, so no model always runs first (or right after another). ``x``:
+    one input for all, or one per model (models in different memory formats)."""
+    xs = [x] * len(models) if isinstance(x, torch.Tensor) else list(x)
     times: list[list[float]] = [[] for _ in models]
     for r in range(rounds):
         k = r % len(models)
@@ -300,7 +312,7 @@ def interleaved_times(
         if r % 2 and len(models) > 2:
             order.reverse()
         for i in order:
-            times[i].append(statistics.median(timer(models[i], x) for _ in range(per_round)))
+            times[i].append(statistics.median(timer(models[i], xs[i]) for _ in range(per_round)))
     return times
 
 
@@ -319,6 +331,29 @@ def prepare(models: Sequence[nn.Module], protocol: TimingConfig) -> list[nn.Modu
                                                                         memory_format=protocol.memory_format)
         nets.append(torch.compile(net) if protocol.compile else net)
     return nets
+
+
+def fastest_formats(models: Sequence[nn.Module], x: torch.Tensor, protocol: TimingConfig, timer: Timer
+                    ) -> tuple[list[nn.Module], list[bool]]:
+    """Each model prepared in its faster memory format: both formats timed interleaved (a third
+    of the protocol's rounds, at least 3), the lower median kept; (modules, channels_last each).
+    On a CPU which format wins depends on the widths: a pruned model's odd channel counts can
+    flip it (docs/benchmarks.md §2.2), so dense and pruned may end in different formats."""
+    nets, last = [], []
+    rounds = max(3, protocol.rounds // 3)
+    for m in models:
+        # copies: without BN folding, prepare converts the module itself, in place
+        both = [prepare([copy.deepcopy(m)], protocol.replace(channels_last=cl, fastest_format=False))[0]
+                for cl in (False, True)]
+        inputs = [x.contiguous(memory_format=f) for f in (torch.contiguous_format, torch.channels_last)]
+        for net, xi in zip(both, inputs, strict=True):
+            for _ in range(protocol.warmup):
+                timer(net, xi)
+        t = interleaved_times(both, inputs, rounds, 1, timer)
+        cl = statistics.median(t[1]) < statistics.median(t[0])
+        nets.append(both[int(cl)])
+        last.append(cl)
+    return nets, last
 
 
 @contextmanager
@@ -375,21 +410,26 @@ def time_models(
         check_contention = timer is None and protocol.device.type == "cpu"
     timer = timer or make_timer(protocol.device, protocol.amp_dtype)
     sizes = [_sizes(m, image_size) for m in models]
-    nets = list(prepared) if prepared is not None else prepare(models, protocol)
     batch = protocol.batch_size
     with torch_threads(protocol.threads):
         x = torch.randn(batch, 3, image_size, image_size, device=protocol.device)
-        x = x.contiguous(memory_format=protocol.memory_format)
-        for net in nets:
+        if protocol.fastest_format and prepared is None:
+            nets, formats = fastest_formats(models, x, protocol, timer)
+        else:
+            nets = list(prepared) if prepared is not None else prepare(models, protocol)
+            formats = [protocol.channels_last] * len(nets)
+        xs = [x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format) for cl in formats]
+        for net, xi in zip(nets, xs, strict=True):
             for _ in range(protocol.warmup):
-                timer(net, x)
+                timer(net, xi)
         rounds = protocol.rounds
         for attempt in range(1, protocol.attempts + 1):
             probe = ForeignCPU()
-            times = interleaved_times(nets, x, rounds, protocol.per_round, timer)
+            times = interleaved_times(nets, xs, rounds, protocol.per_round, timer)
             foreign = probe.fraction() if check_contention else 0.0
-            records = [_record(label, t, times[0], size, sizes[0], rounds, attempt, foreign, protocol)
-                       for label, t, size in zip(labels, times, sizes, strict=True)]
+            records = [_record(label, t, times[0], size, sizes[0], rounds, attempt, foreign, protocol,
+                               (cl, formats[0]))
+                       for label, t, size, cl in zip(labels, times, sizes, formats, strict=True)]
             if all(r.reliable for r in records):
                 break
             rounds *= 2
@@ -397,7 +437,8 @@ def time_models(
 
 
 def _record(label: str, t: list[float], dense_t: list[float], size: tuple[int, int], dense_size: tuple[int, int],
-            rounds: int, attempt: int, foreign: float, protocol: TimingConfig) -> SpeedResult:
+            rounds: int, attempt: int, foreign: float, protocol: TimingConfig,
+            formats: tuple[bool, bool]) -> SpeedResult:
     low, mid, high = _quartiles([d / p for d, p in zip(dense_t, t, strict=True)])
     spread = (high - low) / mid if mid > 0 else math.inf
     why = []
@@ -414,7 +455,8 @@ def _record(label: str, t: list[float], dense_t: list[float], size: tuple[int, i
     return SpeedResult(label, batch / statistics.median(t), batch / statistics.median(dense_t), mid, low, high,
                        reliable=not why, reason="; ".join(why), rounds=rounds, attempts=attempt, foreign_cpu=foreign,
                        protocol=protocol, macs=size[0], params=size[1], dense_macs=dense_size[0],
-                       dense_params=dense_size[1], latency_p50_ms=p50, latency_p90_ms=p90)
+                       dense_params=dense_size[1], latency_p50_ms=p50, latency_p90_ms=p90,
+                       in_channels_last=formats[0], dense_in_channels_last=formats[1])
 
 
 def compare(dense: nn.Module, pruned: nn.Module, image_size: int, protocol: TimingConfig | None = None, *,

@@ -170,7 +170,7 @@ def test_the_protocol_from_a_measure_config_carries_every_field():
               "max_drift": 0.5, "fold_bn": False, "threads": 3}
     measure = MeasureConfig(**values)
     # a new field is added here and carried below (the latency table's settings are its own section)
-    assert set(values) | {"latency_table"} == set(type(measure).model_fields)
+    assert set(values) | {"latency_table", "memory_format", "compile"} == set(type(measure).model_fields)
     protocol = TimingConfig.from_config(measure, "cpu", torch.bfloat16, channels_last=True)
     # max_drift compares separate measurements (a search's finalists), not a setting of one
     assert {k: getattr(protocol, k) for k in values if k != "max_drift"} == {k: v for k, v in values.items()
@@ -178,6 +178,11 @@ def test_the_protocol_from_a_measure_config_carries_every_field():
     assert protocol.device == torch.device("cpu") and protocol.amp_dtype is torch.bfloat16 and protocol.channels_last
     assert protocol.precision == "bf16"
     assert TimingConfig.from_config(MeasureConfig(), "cpu").threads == (os.cpu_count() or 1)  # 0: every core
+    # as deployed by default: each model in its faster memory format, eager
+    assert protocol.fastest_format and not protocol.compile
+    assert not TimingConfig.from_config(MeasureConfig(memory_format="train"), "cpu").fastest_format
+    assert TimingConfig.from_config(MeasureConfig(compile="on"), "cpu").compile
+    assert not TimingConfig.from_config(MeasureConfig(compile="both"), "cpu").compile  # eager decides
     with pytest.raises(TypeError):
         protocol.replace(round=3)  # a misspelt setting is refused, not ignored
 
@@ -187,5 +192,28 @@ def test_compare_keeps_the_metric_names_runs_and_versions_are_logged_with():
     m = compare(dense, pruned, 8, batch_size=2, rounds=4, warmup=0, timer=FakeTimer({id(dense): 2.0, id(pruned): 1.0}))
     assert list(m) == ["dense_macs", "macs", "macs_reduction", "dense_params", "params", "params_reduction",
                        "dense_img_s", "img_s", "speedup", "speedup_low", "speedup_high", "speed_spread", "speed_rounds",
-                       "speed_reliable", "speed_foreign_cpu", "macs_speedup", "speedup_efficiency"]
+                       "speed_reliable", "speed_foreign_cpu", "channels_last", "dense_channels_last", "macs_speedup",
+                       "speedup_efficiency"]
     assert m["speed_rounds"] == 4 and m["speed_spread"] == 0.0 and m["img_s"] == 2.0 and m["dense_img_s"] == 1.0
+
+
+def test_each_model_is_timed_in_its_own_faster_memory_format():
+    dense, pruned = _pair()
+
+    def timer(model, x):
+        cl = not x.is_contiguous()  # the channels_last copy of a 3-channel input
+        # the wide model runs faster in channels_last, the narrow one contiguous
+        if model.out_channels == 8:
+            return 1.0 if cl else 2.0
+        return 1.5 if cl else 0.5
+
+    records = time_models([dense, pruned], 8, TimingConfig(batch_size=2, rounds=6, warmup=0, fastest_format=True),
+                          timer=timer)
+    assert records[0].channels_last and not records[1].channels_last
+    assert records[1].speedup == 2.0  # dense at its best (1.0) over pruned at its best (0.5)
+    m = records[1].metrics()
+    assert m["channels_last"] == 0.0 and m["dense_channels_last"] == 1.0
+    # the training format for both instead: channels_last everywhere
+    fixed = time_models([dense, pruned], 8, TimingConfig(batch_size=2, rounds=6, warmup=0, channels_last=True),
+                        timer=timer)
+    assert fixed[1].speedup == pytest.approx(1.0 / 1.5) and fixed[1].channels_last
