@@ -58,6 +58,8 @@ def check_config(cfg: Config, for_search: bool = False) -> Config:
         method_class(name, f"prune.options.{name}")
         _check_options(name, options, f"prune.options.{name}")
     for key, entry in cfg.search.space.items():
+        for name in entry.methods or []:
+            method_class(name, f"search.space: {key}.methods")
         values = sampler_values(entry)  # every choice, or both ends of a range (checked by the schema)
         if key == "prune.method":
             for name in values or []:
@@ -96,8 +98,22 @@ def allocator_class(name: str, key: str) -> type[Allocator]:
 
 def allocator_for(cfg: Config, method_cls: type[Method]) -> type[Allocator]:
     """The allocator a trial of ``method_cls`` runs: ``prune.allocate``, or the method's default."""
-    name = cfg.prune.allocate or method_cls.default_allocator
-    return allocator_class(name, "prune.allocate")
+    return allocator_class(_allocator_name(cfg.prune.allocate, method_cls, cfg.prune.target_speedup is not None),
+                           "prune.allocate")
+
+
+def make_allocator(cfg: Config, method: Method) -> Allocator:
+    """The trial's allocator with its options: ``prune.allocator_options``, else the method's own
+    for its default allocator (lossvar's δ search); another allocator gets its own defaults."""
+    cls = allocator_for(cfg, type(method))
+    given = cfg.prune.allocator_options or (method.allocator_options() if cls.name == method.default_allocator
+                                            else None)
+    return cls(given)
+
+
+def _allocator_name(given: str | None, method_cls: type[Method], targeted: bool) -> str:
+    """A speed target is met by the latency allocator: it is the default when a target is given."""
+    return given or ("latency" if targeted else method_cls.default_allocator)
 
 
 def _check_allocators(cfg: Config, for_search: bool) -> None:
@@ -107,11 +123,18 @@ def _check_allocators(cfg: Config, for_search: bool) -> None:
     methods = (sampler_values(space["prune.method"]) or []) if "prune.method" in space else [cfg.prune.method]
     drawn = (sampler_values(space["prune.allocate"]) or []) if "prune.allocate" in space else [cfg.prune.allocate]
     where = "search.space: " if "prune.method" in space or "prune.allocate" in space else ""
+    drawn_target = space.get("prune.target_speedup")
     for name in methods:
         cls = method_class(name, "prune.method")
+        targeted = cfg.prune.target_speedup is not None or (
+            drawn_target is not None and (not drawn_target.methods or name in drawn_target.methods))
         for wanted in drawn:
             key = "search.space: prune.allocate" if "prune.allocate" in space else "prune.allocate"
-            allocator = allocator_class(wanted or cls.default_allocator, key)
+            allocator = allocator_class(_allocator_name(wanted, cls, targeted), key)
+            if targeted and allocator.name != "latency":
+                # only the latency allocator budgets a latency; a ratio-based one would ignore it
+                raise ConfigError(f"{where}prune.target_speedup needs prune.allocate = latency (or unset), "
+                                  f"not {allocator.name}")
             if allocator.name not in cls.allocators:
                 raise ConfigError(f"{where}prune.method = {name} works with prune.allocate = {' or '.join(cls.allocators)}, "
                                   f"not {allocator.name}")

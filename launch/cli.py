@@ -260,28 +260,15 @@ def cmd_latency_table(args: argparse.Namespace) -> int:
     import torch
 
     from launch.recipe import timing_protocol
+    from launch.speed_target import trial_table
     from pipeline.data.loaders import build_loader
-    from pipeline.latency import load_or_build, table_key
     from pipeline.models import build_model
-    from pipeline.progress import progress
-    from pipeline.surgery import find_groups
 
     cfg = _read(args)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     classes = build_loader(cfg.data, "val", 0, 1, device, cfg.seed).num_classes
     dense = build_model(cfg.model.arch, classes, cfg.model.weights).eval().to(device)
-    groups = find_groups(dense, cfg.data.image_size, cfg.prune.scope)
-    protocol = timing_protocol(cfg, device)
-    opts = cfg.measure.latency_table
-    key = table_key(protocol, cfg.model.arch, cfg.data.image_size, classes, cfg.prune.scope, cfg.prune.round_to,
-                    opts.levels)
-    with progress(desc="latency table", unit="point") as shown:
-        def advance(done: int, total: int) -> None:
-            shown.total = total
-            shown.update(done - shown.n)
-
-        table, path, built = load_or_build(dense, groups, protocol, key, opts.cache_dir, rebuild=args.rebuild,
-                                           reps=opts.reps, warmup=opts.warmup, progress=advance)
+    table, path, built = trial_table(cfg, dense, timing_protocol(cfg, device), classes, rebuild=args.rebuild)
     print(table.summary())
     print(f"{'built and written to' if built else 'read from'} {path}")
     return 0

@@ -28,13 +28,14 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from launch.checks import allocator_for, check_config, method_class, trial_epochs
+from launch.checks import check_config, make_allocator, method_class, trial_epochs
 from launch.outputs import (
     CHECKPOINT,
     check_fingerprint,
     fingerprint_json,
     prepare_output,
 )
+from launch.speed_target import latency_counts
 from launch.trial_log import TrialLog as _TrialLog  # the name launch.search and tests import
 from methods import Budget, Method, SelectContext
 from pipeline.blocks import block_count, block_scores, choose_blocks, identity_blocks, remove_blocks
@@ -60,7 +61,7 @@ from pipeline.engine import (
     save_checkpoint,
     use_channels_last,
 )
-from pipeline.measure import TimingConfig, compare
+from pipeline.measure import SPEED_KEYS, TimingConfig, compare
 from pipeline.models import build_model
 from pipeline.plots import width_plot
 from pipeline.spec import build_from_spec, make_spec, save_pruned
@@ -267,17 +268,31 @@ def drop_blocks(trial: Trial) -> None:
               f"{', '.join(chosen)}", flush=True)
 
 
-def allocate(trial: Trial) -> None:
+def allocate(trial: Trial, resume: Resume) -> None:
     """Kept channels per group from the width allocator (``prune.allocate``), decided on the
     model before the pruning phase and given to the method, which fills each group to its count.
-    Deterministic: a trial resumed mid-pruning decides the same again on the same dense model."""
+    The ``latency`` allocator times probe models to meet ``prune.target_speedup``
+    (launch/speed_target.py); a trial resumed mid-pruning takes the counts its checkpoint kept,
+    since timings taken again would not decide exactly the same."""
     cfg, method = trial.cfg, trial.method
-    allocator = allocator_for(cfg, type(method))(cfg.prune.allocator_options or method.allocator_options())
-    ctx = trial.select_context(allocator.calibration_samples())
-    counts = allocator.allocate(trial.model, trial.groups, Budget(cfg.prune.prune_ratio, cfg.prune.round_to), ctx)
-    assert_same_on_all_ranks({k: torch.tensor([v]) for k, v in counts.items()}, trial.info)
-    method.set_counts(counts)
-    trial.allocation = {"allocator": allocator.name, **allocator.summary()}
+    if resume.phase == "prune" and "counts" in resume.state:
+        method.set_counts({k: int(v) for k, v in resume.state["counts"].items()})
+        trial.allocation = json.loads(resume.state["allocation"])
+    else:
+        allocator = make_allocator(cfg, method)
+        ctx = trial.select_context(allocator.calibration_samples())
+        budget = Budget(cfg.prune.prune_ratio, cfg.prune.round_to, cfg.prune.target_speedup)
+        if allocator.name == "latency":
+            counts, said = latency_counts(cfg, trial.info, trial.model, trial.dense, trial.groups, method, allocator,
+                                          budget, ctx, timing_protocol(cfg, trial.info.device),
+                                          trial.train_loader.num_classes)
+        else:
+            counts, said = allocator.allocate(trial.model, trial.groups, budget, ctx), allocator.summary()
+        assert_same_on_all_ranks({k: torch.tensor([v]) for k, v in counts.items()}, trial.info)
+        method.set_counts(counts)
+        trial.allocation = {"allocator": allocator.name, **said}
+    # the target and how it was met are the trial's own figures, beside its measured speed-up
+    trial.summary.update({k: v for k, v in trial.allocation.items() if k.startswith("target_")})
 
 
 def prune(trial: Trial, resume: Resume) -> None:
@@ -295,7 +310,8 @@ def prune(trial: Trial, resume: Resume) -> None:
             metrics = {"epoch": epoch + 1, "phase": "prune", **trial.epoch_done(phase.module, phase.train_epoch(epoch))}
             trial.log.metrics(metrics, step=epoch + 1)
             trial.report(metrics)
-            trial.checkpoint("prune", epoch + 1, phase.module, phase.state_dict(), method=method.state())
+            trial.checkpoint("prune", epoch + 1, phase.module, phase.state_dict(), method=method.state(),
+                             counts=dict(method.counts), allocation=json.dumps(trial.allocation))
     trial.model = phase.module
 
 
@@ -310,7 +326,8 @@ def cut(trial: Trial) -> None:
     assert_same_on_all_ranks(masks, info)
     method.finalize(model, masks)  # back to the plain architecture, constants folded
     decided = {**method.summary(), **trial.allocation}  # lossvar's δ and probes: its allocator's
-    trial.summary.update({f"method_{k}": v for k, v in decided.items() if isinstance(v, int | float)})
+    trial.summary.update({f"method_{k}": v for k, v in decided.items()
+                          if isinstance(v, int | float) and not k.startswith("target_")})
     apply_masks(model, trial.groups, masks)
     prune_model(model, trial.groups, masks, cfg.data.image_size)
     trial.masks = masks
@@ -329,12 +346,17 @@ def timing_protocol(cfg: Config, device: torch.device) -> TimingConfig:
 
 
 def measure(trial: Trial) -> None:
-    """Rank 0 times dense and pruned side by side while the other ranks wait; report the cut."""
+    """Rank 0 times dense and pruned side by side while the other ranks wait; report the cut.
+    ``measure.compile: both`` times them compiled too, kept beside the eager figures."""
     cfg, info = trial.cfg, trial.info
     result = None
     if info.is_main:
         protocol = timing_protocol(cfg, info.device)
         result = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size, protocol)
+        if cfg.measure.compile == "both":
+            compiled = compare(copy.deepcopy(trial.dense), copy.deepcopy(trial.model), cfg.data.image_size,
+                               protocol.replace(compile=True))
+            result.update({f"compiled_{k}": compiled[k] for k in SPEED_KEYS})
     barrier(info)
     trial.summary.update(broadcast_object(result, info))
     trial.report({"epoch": trial.prune_epochs, "phase": "cut", **trial.summary})
@@ -370,6 +392,8 @@ def save(trial: Trial) -> dict[str, Any]:
     final = {**trial.summary, **trial.last_metrics, **trial.evaluate(), "epochs": total_epochs,
              "wall_s": time.perf_counter() - trial.t_start, "started_at": trial.started_at}
     final["method"], final["prune_ratio"] = cfg.prune.method, cfg.prune.prune_ratio
+    if cfg.prune.target_speedup is not None:
+        final["target_speedup"] = cfg.prune.target_speedup
     model_dir = trial.out / "model"
     if info.is_main:
         spec = make_spec(model, cfg.model.arch, trial.train_loader.num_classes, image_size=cfg.data.image_size)
@@ -380,7 +404,9 @@ def save(trial: Trial) -> dict[str, Any]:
         if trial.masks is not None:
             dense_w = {g.name: g.size for g in trial.groups}
             kept_w = {g.name: int(trial.masks[g.name].sum()) for g in trial.groups}
-            plot = width_plot(dense_w, kept_w, f"{cfg.model.arch} · {cfg.prune.method} · ratio {cfg.prune.prune_ratio:.2f}",
+            budget = (f"target {cfg.prune.target_speedup:.2f}x" if cfg.prune.target_speedup is not None
+                      else f"ratio {cfg.prune.prune_ratio:.2f}")
+            plot = width_plot(dense_w, kept_w, f"{cfg.model.arch} · {cfg.prune.method} · {budget}",
                               trial.out / "widths.png")
         # at the last epoch's step, logged after it: MLflow's "latest" value is then this final
         # evaluation (without a step it went to step 0 and the UI showed the last epoch's figure)
@@ -410,7 +436,7 @@ def run_trial(cfg: Config, report: Reporter | None = None, run_name: str | None 
         else:
             trial.summary = {f"dense_{k}": v for k, v in trial.evaluate().items()}
             drop_blocks(trial)
-            allocate(trial)
+            allocate(trial, resume)
             prune(trial, resume)
             cut(trial)
             measure(trial)

@@ -101,8 +101,10 @@ def _trial_driver(tune_config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from launch.search_log import trial_overrides
+
     base = tune_config["__base__"]
-    overrides = {k: v for k, v in tune_config.items() if not k.startswith("__")}
+    overrides = trial_overrides(tune_config)  # what this trial's method draws
     trial_name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
     # deterministic per-trial folders: a restarted trial finds its own checkpoint
     trial_dir = Path(base["output_dir"]) / "trials" / trial_name

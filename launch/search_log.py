@@ -48,12 +48,24 @@ def tee_output(folder: str | Path) -> Path:
     return path
 
 
+def trial_overrides(config: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The settings a trial's Tune config draws, less those its search space draws only for
+    other methods (``methods:`` of a space entry): Tune samples every key of the space in every
+    trial, but a trial of a method a key is not for keeps the base config's value."""
+    root = config.get("__base__") or base or {}
+    space = (root.get("search") or {}).get("space") or {}
+    drawn = {k: v for k, v in config.items() if not k.startswith("__")}
+    method = drawn.get("prune.method", (root.get("prune") or {}).get("method"))
+    return {k: v for k, v in drawn.items()
+            if not (isinstance(space.get(k), dict) and space[k].get("methods") and method not in space[k]["methods"])}
+
+
 def trial_prune(config: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A trial's prune section: its Tune config's ``prune.*`` overrides over the prune section of
     ``__base__`` (or of ``base``, a whole config as a dict, where the Tune config has none)."""
     root = config.get("__base__") or base or {}
     prune = copy.deepcopy(root.get("prune") or {})
-    for key, value in config.items():
+    for key, value in trial_overrides(config, base).items():
         if not key.startswith("prune."):
             continue
         *path, last = key.split(".")[1:]

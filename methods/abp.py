@@ -115,6 +115,10 @@ class AddingBeforePruning(Method):
         terms = [(att.mask().mean() - self.n_keep(g) / g.size) ** 2 for g, att in gates.layers(model, self.groups)]
         return self.options.budget_weight * torch.stack(terms).sum() if terms else None
 
+    def starting_scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        # before the pruning phase there are no gates to read: the filters' L1 norms instead
+        return gates.filter_l1(model, self.groups)
+
     def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         """Each channel's attention score s (b = 1 where s > 0)."""
         out = {g.name: att.score.detach().double().cpu() for g, att in gates.layers(model, self.groups)}

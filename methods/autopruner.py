@@ -376,6 +376,13 @@ class AutoPruner(Method):
         """The configured width of a gated group; an ungated one (the last block) keeps all."""
         return super().n_keep(group) if group.name in self._gated_names else group.size
 
+    def starting_scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        # before the pruning phase there are no gates to read: the filters' L1 norms instead
+        return gates.filter_l1(model, self.groups)
+
+    def kept_whole(self) -> frozenset[str]:
+        return frozenset(g.name for g in self.groups if g.name not in self._gated_names)
+
     def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         """The last window's vote share, then the last mean v as a tie-break in [0, 1); an
         ungated group (the last block) scores alike and keeps every channel (``n_keep``)."""

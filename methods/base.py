@@ -85,6 +85,10 @@ def budget_knob(method: str, prune: Mapping[str, Any]) -> Knob:
     ``prune`` (a config's ``prune`` as a mapping; the method's options are those under
     ``options.<method>``). A name that is not registered reads as a uniform-ratio method:
     names are also shown for trials whose config never ran its checks."""
+    if prune.get("target_speedup") is not None:
+        # a speed target replaces every other budget: the latency allocator meets it whatever
+        # the method's ratio or δ says
+        return Knob("target", prune["target_speedup"], option="target_speedup", symbol="t", fmt=".2f")
     cls = _REGISTRY.get(method)
     if cls is None:
         return Method.budget_knob(NoOptions(), prune)
@@ -127,6 +131,8 @@ class SelectContext:
     # device's latency table (pipeline/latency.py)
     scores: dict[str, torch.Tensor] | None = None
     latency_table: Any = None
+    # groups the method keeps whole whatever count it is given (:meth:`Method.kept_whole`)
+    whole: frozenset[str] = frozenset()
 
 
 class Method(ABC):
@@ -143,7 +149,7 @@ class Method(ABC):
     # the prune.scope values it can work with: gates and BN penalties need one consumer per group
     scopes: ClassVar[tuple[str, ...]] = ("inner", "all")
     # the width allocators (prune.allocate) it can fill, and the one it gets when none is named
-    allocators: ClassVar[tuple[str, ...]] = ("uniform", "loss")
+    allocators: ClassVar[tuple[str, ...]] = ("uniform", "loss", "latency")
     default_allocator: ClassVar[str] = "uniform"
     Options: ClassVar[type[BaseModel]] = NoOptions
 
@@ -230,6 +236,17 @@ class Method(ABC):
 
         check_counts(self.groups, counts, f"{self.name} counts")
         self.counts = dict(counts)
+
+    def starting_scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        """Channel scores on the model *before* :meth:`prepare`, for an allocator that needs them
+        then (the latency allocator values widths by them): :meth:`scores` itself, unless the
+        method's scores exist only after its pruning phase (gates: AutoPruner, ABP)."""
+        return self.scores(model, ctx)
+
+    def kept_whole(self) -> frozenset[str]:
+        """Groups this method never cuts, whatever count it is given (AutoPruner's ungated last
+        block): an allocator that spends a budget must not count on them."""
+        return frozenset()
 
     @abstractmethod
     def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:

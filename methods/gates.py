@@ -34,7 +34,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from pipeline.surgery import ChannelGroup
+from pipeline.surgery import ChannelGroup, filter_norms
+
+
+def filter_l1(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, torch.Tensor]:
+    """Each group's filter L1 norms: what a gated method's channels are worth before its gates
+    have learned anything (:meth:`methods.base.Method.starting_scores`)."""
+    return {g.name: filter_norms(model, g, 1) for g in groups}
 
 
 class GatedInput(nn.Sequential):

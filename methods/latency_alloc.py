@@ -81,7 +81,9 @@ class LatencyAllocator(Allocator):
             raise ValueError("the latency allocator needs the context's latency_table and the method's scores")
         o = self.options
         removed = removed_blocks(model)
-        cands = {g.name: candidates(g, budget.round_to, o.min_keep, o.max_choices) for g in groups}
+        whole = getattr(ctx, "whole", frozenset())  # groups the method never cuts: one candidate
+        cands = {g.name: (g.size,) if g.name in whole else candidates(g, budget.round_to, o.min_keep, o.max_choices)
+                 for g in groups}
         narrowest = table.predict_counts(groups, {n: c[0] for n, c in cands.items()}, removed)
         reachable = table.dense_s / narrowest
         if budget.target_speedup is not None:

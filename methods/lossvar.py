@@ -96,8 +96,9 @@ class LossVariation(Method):
     name = "lossvar"
     Options = LossVarOptions
     uniform_rate = False
-    # its rates are the loss allocator's; under `uniform` it would be the l1 baseline by another name
-    allocators = ("loss",)
+    # its rates are the loss allocator's; under `uniform` it would be the l1 baseline by another
+    # name. Under `latency` (a speed target) its criterion's norms value the widths.
+    allocators = ("loss", "latency")
     default_allocator = "loss"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -195,6 +196,11 @@ class LossVariation(Method):
     def allocator_options(self) -> dict[str, Any] | None:
         """The loss allocator runs this method's own δ search: its options are this method's."""
         return self.options.model_dump()
+
+    def starting_scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
+        # the criterion's norms, not its ranks: a width's worth needs the magnitudes
+        p = 1 if self.options.criterion == "l1" else 2
+        return {g.name: filter_norms(model, g, p) for g in self.groups}
 
     def scores(self, model: nn.Module, ctx: SelectContext | None = None) -> dict[str, torch.Tensor]:
         """The criterion's rank of each channel (0 = weakest): the shared top-k keeping the

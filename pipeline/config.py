@@ -142,13 +142,21 @@ class PruneConfig(_Strict):
     # choosing among methods can also tune one method's knobs.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # how many channels each group keeps (methods/allocate.py): uniform (prune_ratio for every
-    # group) or loss (lossvar's loss-variation rates); unset: the method's own default (lossvar:
-    # loss, every other method: uniform). The allocator's options: allocator_options.
+    # group), loss (lossvar's loss-variation rates) or latency (the most importance within a
+    # latency budget, methods/latency_alloc.py); unset: latency when target_speedup is given, else
+    # the method's own default (lossvar: loss, every other method: uniform). Its options:
+    # allocator_options.
     allocate: str | None = None
     allocator_options: dict[str, Any] = Field(default_factory=dict)
     # whole residual blocks removed before the widths are chosen (pipeline/blocks.py): a count,
     # or a fraction of the identity-shortcut blocks; 0 keeps every block
     blocks: int | float = Field(0, ge=0)
+    # a measured speed-up to reach instead of a ratio (docs/architecture.md, "Pruning to a
+    # measured speed-up"): the latency allocator's budget is the dense model's latency ÷ this, and
+    # the trial corrects it on measured probe models until it is met; unset: prune_ratio decides
+    target_speedup: float | None = Field(None, gt=1.0, le=100.0)
+    # how many times the trial may correct the latency budget on a measured miss (> 3 %)
+    target_corrections: int = Field(3, ge=0, le=10)
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -327,6 +335,12 @@ class MeasureConfig(_Strict):
     # time inference copies with BatchNorm folded into the convs (both models): what a deployment runs
     fold_bn: bool = True
     threads: int = Field(0, ge=0)  # CPU threads for timing; 0 = torch default
+    # fastest: every model (dense and pruned alike) timed in the faster of contiguous and
+    # channels_last, as it would be deployed; train: the memory format it trained in
+    memory_format: Literal["fastest", "train"] = "fastest"
+    # torch.compile when timing: off (eager), on (compiled: the figure every decision uses), or
+    # both (eager decides; the compiled figures are kept beside it as compiled_*)
+    compile: Literal["off", "on", "both"] = "off"
     latency_table: LatencyTableConfig = Field(default_factory=LatencyTableConfig)
 
 
@@ -336,10 +350,13 @@ class SearchSpaceEntry(_Strict):
     uniform: tuple[float, float] | None = None
     loguniform: tuple[float, float] | None = None
     randint: tuple[int, int] | None = None
+    # draw this key only in trials of these methods (prune.method); the others keep the base
+    # config's value: a grid over methods where some search a speed target, others a ratio
+    methods: list[str] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SearchSpaceEntry:
-        given = [k for k, v in self.model_dump().items() if v is not None]
+        given = [k for k, v in self.model_dump().items() if v is not None and k != "methods"]
         if len(given) != 1:
             raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint")
         return self

@@ -34,7 +34,8 @@ JOURNAL_KEY_TAG = "prunepipe.journal_key"
 # MLflow 3's UI opens an experiment without this tag on the GenAI traces overview
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 VERSION_METRICS = ("val_top1", "val_top5", "macs", "params", "macs_reduction", "img_s", "speedup", "speedup_low",
-                   "speedup_high", "speed_reliable", "speedup_efficiency")
+                   "speedup_high", "speed_reliable", "speedup_efficiency", "target_speedup", "target_measured_speedup",
+                   "channels_last", "compiled_speedup", "compiled_img_s")
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)

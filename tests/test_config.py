@@ -179,10 +179,14 @@ def test_a_search_may_not_draw_a_method_with_a_scope_it_cannot_use(inner_only):
 
 @pytest.mark.parametrize("overrides, says", [
     (["prune.allocate=speed"], "prune.allocate: unknown width allocator 'speed'; allowed: latency, loss, uniform"),
-    # registered, but no method offers it yet
-    (["prune.allocate=latency"], "prune.method = l1 works with prune.allocate = uniform or loss, not latency"),
     (["prune.method=lossvar", "prune.allocate=uniform"],
-     "prune.method = lossvar works with prune.allocate = loss, not uniform"),
+     "prune.method = lossvar works with prune.allocate = loss or latency, not uniform"),
+    # only the latency allocator budgets a latency: a ratio allocator would ignore the target
+    (["prune.target_speedup=1.5", "prune.allocate=uniform"],
+     "prune.target_speedup needs prune.allocate = latency (or unset), not uniform"),
+    (["prune.target_speedup=1.5", "prune.method=lossvar", "prune.allocate=loss"],
+     "prune.target_speedup needs prune.allocate = latency (or unset), not loss"),
+    (["prune.allocate=latency", "prune.allocator_options={max_choices: 1}"], "prune.allocator_options.max_choices"),
     (["prune.allocate=loss", "prune.allocator_options={delta: -1}"], "prune.allocator_options.delta"),
     (["prune.allocate=loss", "prune.allocator_options={nope: 1}"], "prune.allocator_options.nope"),
 ])
@@ -194,13 +198,33 @@ def test_an_allocator_a_method_cannot_use_is_one_line_before_any_work(overrides,
 def test_a_search_may_not_draw_a_method_with_an_allocator_it_cannot_fill(inner_only):
     spaced = load_config(DEMO, ["search.space={prune.method: {choice: [l1, lossvar]}, "
                                 "prune.allocate: {choice: [uniform, loss]}}"])
-    with pytest.raises(ConfigError, match="search.space: prune.method = lossvar works with prune.allocate = loss, "
-                                          "not uniform"):
+    with pytest.raises(ConfigError, match="search.space: prune.method = lossvar works with prune.allocate = loss "
+                                          "or latency, not uniform"):
         check_config(spaced, for_search=True)
     fine = load_config(DEMO, ["search.space={prune.method: {choice: [l1, sfp]}, prune.allocate: {choice: [uniform, loss]}}"])
     check_config(fine, for_search=True)
     with pytest.raises(ConfigError, match=f"prune.method = {inner_only} works with prune.allocate = uniform, not loss"):
         check_config(load_config(DEMO, ["search.space={}", f"prune.method={inner_only}", "prune.allocate=loss"]))
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "-2", "101"])
+def test_a_speed_target_at_or_below_one_or_absurd_is_one_line(value):
+    with pytest.raises(ConfigError, match=re.escape("prune.target_speedup")):
+        load_config(DEMO, [f"prune.target_speedup={value}"])
+
+
+def test_a_speed_target_chooses_the_latency_allocator_for_every_method():
+    from launch.checks import allocator_for
+    from methods import get_method_class
+
+    for name in ("l1", "sfp", "lossvar", "autopruner", "abp", "ista"):
+        cfg = check_config(load_config(DEMO, ["search.space={}", f"prune.method={name}", "prune.target_speedup=1.5"]))
+        assert allocator_for(cfg, get_method_class(name)).name == "latency", name
+    # a search drawing targets may not also draw a ratio allocator
+    spaced = load_config(DEMO, ["search.space={prune.target_speedup: {uniform: [1.3, 2.0]}, "
+                                "prune.allocate: {choice: [latency, uniform]}}"])
+    with pytest.raises(ConfigError, match="search.space: prune.target_speedup needs prune.allocate = latency"):
+        check_config(spaced, for_search=True)
 
 
 @pytest.mark.parametrize("value, says", [("2.5", "a count of blocks"), ("-1", "greater than or equal to 0"),

@@ -72,6 +72,21 @@ def test_trial_prune_lays_dotted_overrides_over_the_base():
     assert search_log.trial_prune({"prune.prune_ratio": 0.2}, base)["method"] == "l1"
 
 
+def test_a_space_entry_for_some_methods_is_dropped_from_the_others_trials():
+    base = {"prune": _prune("l1", 0.5),
+            "search": {"space": {"prune.target_speedup": {"uniform": [1.3, 1.9], "methods": ["l1", "sfp"]},
+                                 "prune.prune_ratio": {"uniform": [0.4, 0.7]}}}}
+    drawn = {"__base__": base, "prune.target_speedup": 1.7, "prune.prune_ratio": 0.45}
+    # sfp draws a target: that decides its widths, and its name says so
+    assert search_log.trial_overrides({**drawn, "prune.method": "sfp"}) == {
+        "prune.target_speedup": 1.7, "prune.prune_ratio": 0.45, "prune.method": "sfp"}
+    assert search_log.label({**drawn, "prune.method": "sfp"}) == "sfp t1.70"
+    # ista is not among the entry's methods: its trial keeps the base's (no target) and its ratio
+    assert "prune.target_speedup" not in search_log.trial_overrides({**drawn, "prune.method": "ista"})
+    assert search_log.label({**drawn, "prune.method": "ista"}) == "ista r0.45"
+    assert search_log.label(drawn) == "l1 t1.70"  # the base's method, l1, is among them
+
+
 def test_search_table_knob_column_is_unchanged_for_the_built_in_methods():
     cfg = build_config({"prune": {"method": "l1", "prune_ratio": 0.4}})
     lossvar = _row({"prune.method": "lossvar", "prune.options.lossvar.delta": 0.1}, cfg)
