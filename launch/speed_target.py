@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from methods import Allocator, Budget, Method, SelectContext
+from methods.latency_alloc import TargetUnreachable
 from pipeline.config import Config
 from pipeline.distributed import DistInfo, broadcast_object
 from pipeline.latency import LatencyTable, hit_target, load_or_build, table_key
@@ -87,7 +88,18 @@ def _decide(cfg: Config, model: nn.Module, dense: nn.Module, groups: list[Channe
     said: dict[str, dict[str, Any]] = {}  # the allocator's summary of every try, by its counts
 
     def aim(speedup: float) -> tuple[dict[str, int], float]:
-        counts = allocator.allocate(model, groups, replace(budget, target_speedup=speedup), ctx)
+        for _ in range(5):
+            try:
+                counts = allocator.allocate(model, groups, replace(budget, target_speedup=speedup), ctx)
+                break
+            except TargetUnreachable:
+                if not said:
+                    raise  # the target itself: the user's error, with the reachable maximum
+                # a correction aimed at the very edge: the knapsack's rounded-up costs can put the
+                # narrowest model just past it
+                speedup = 1 + 0.99 * (speedup - 1)
+        else:
+            raise TargetUnreachable(f"no widths reach a predicted {speedup:.2f}x on the latency table")
         said[json.dumps(counts, sort_keys=True)] = summary = allocator.summary()
         return counts, summary["predicted_speedup"]
 

@@ -338,6 +338,10 @@ class MeasureConfig(_Strict):
     # fastest: every model (dense and pruned alike) timed in the faster of contiguous and
     # channels_last, as it would be deployed; train: the memory format it trained in
     memory_format: Literal["fastest", "train"] = "fastest"
+    # CPU timing: cached keeps freed memory in the process, as a caching allocator (jemalloc,
+    # tcmalloc) would in a server, so no forward page-faults its activations in again
+    # (pipeline.measure.cached_allocator); system: the process's malloc left as it is
+    cpu_allocator: Literal["cached", "system"] = "cached"
     # torch.compile when timing: off (eager), on (compiled: the figure every decision uses), or
     # both (eager decides; the compiled figures are kept beside it as compiled_*)
     compile: Literal["off", "on", "both"] = "off"

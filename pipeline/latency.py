@@ -58,7 +58,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pipeline.errors import PrunepipeError
-from pipeline.measure import Timer, make_timer, time_models, torch_threads
+from pipeline.measure import Timer, cached_allocator, make_timer, time_models, torch_threads
 from pipeline.spec import STAGES, removed_blocks
 
 if TYPE_CHECKING:
@@ -452,7 +452,7 @@ def table_key(protocol: TimingConfig, arch: str, image_size: int, num_classes: i
             "batch": protocol.batch_size,
             "memory_format": ("fastest" if protocol.fastest_format else
                               "channels_last" if protocol.channels_last else "contiguous"),
-            "fold_bn": protocol.fold_bn, "compile": protocol.compile, "threads": protocol.threads or torch.get_num_threads(),
+            "allocator": "cached" if protocol.cached_allocator else "system", "fold_bn": protocol.fold_bn, "compile": protocol.compile, "threads": protocol.threads or torch.get_num_threads(),
             "arch": arch, "image_size": image_size, "num_classes": num_classes, "scope": scope, "round_to": round_to,
             "levels": [float(v) for v in levels]}
 
@@ -476,6 +476,8 @@ def build_table(dense: nn.Module, groups: Sequence[ChannelGroup], protocol: Timi
     eager even when ``protocol.compile``: compiling hundreds of pieces would cost more than the
     trial; the anchors (compiled) carry what compilation gains overall."""
     t0 = time.perf_counter()
+    if protocol.cached_allocator and protocol.device.type == "cpu":
+        cached_allocator()  # before anything is timed: pieces and models in one allocator state
     timer = timer or make_timer(protocol.device, protocol.amp_dtype)
     steps = varying_steps(groups, key["round_to"])
     plan = []
