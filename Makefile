@@ -30,7 +30,7 @@ demo: $(STAMP) $(DIGITS)
 # The whole suite, slow multi-process tests (torchrun, Ray) included. PYTHONFAULTHANDLER: a crash
 # after the last test (CI once saw a segmentation fault at exit) prints every thread's stack.
 test: $(STAMP)
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=8
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=25
 
 # Without the multi-process tests, for a quick loop while editing.
 test-fast: $(STAMP)
