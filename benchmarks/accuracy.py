@@ -30,6 +30,13 @@ widths the method plans at the variant's scope, on the model without N blocks; l
 identity block of a net has the same MACs, so that arithmetic does not depend on which blocks
 the trial's scores choose (only rounding does).
 
+At equal *measured* speed instead (``--speedups 2 3``): two rows per speed-up, both ``l1`` at
+``--scope`` (default ``all``): ``latency`` is a trial with ``prune.target_speedup`` (the latency
+allocator on this device's table, corrected on measured speed by the trial itself), and
+``uniform`` is a trial whose one ratio was bisected on the same table and corrected on measured
+speed by the same loop (``benchmarks/targets.py``) before the trial runs; both trials time
+their own cut, which the table reports.
+
 The table is printed, written to ``--out`` and logged to MLflow (one run per target × row).
 """
 
@@ -47,15 +54,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from benchmarks.speed import ratio_at  # noqa: E402
-from launch.recipe import baseline_path, run_pretrain, run_trial  # noqa: E402
+from benchmarks.targets import ratio_counts, uniform_ratio  # noqa: E402
+from launch.recipe import baseline_path, run_pretrain, run_trial, timing_protocol  # noqa: E402
+from launch.speed_target import TOLERANCE, probe, trial_table  # noqa: E402
 from methods import get_method_class, method_names  # noqa: E402
+from methods.latency_alloc import TargetUnreachable  # noqa: E402
 from pipeline import registry  # noqa: E402
 from pipeline.blocks import identity_blocks, remove_blocks  # noqa: E402
 from pipeline.config import absolutize, build_config  # noqa: E402
 from pipeline.data.convert import write_digits  # noqa: E402
-from pipeline.measure import count_macs  # noqa: E402
+from pipeline.latency import hit_target  # noqa: E402
+from pipeline.measure import compare, count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.surgery import filter_norms, find_groups  # noqa: E402
 
 SEED_METHODS = ["sfp", "autopruner", "lossvar", "abp", "ista"]
 BASELINES = ["l1", "l2", "random"]
@@ -135,7 +149,9 @@ def lossvar_target(arch: str, image_size: int, target: float, blocks: int) -> fl
 
 
 def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int, budget: int, out: Path,
-            lossvar_macs: float | None = None) -> dict:
+            lossvar_macs: float | None = None, speedup: float | None = None) -> dict:
+    """One trial; ``speedup``: ``target`` is a measured speed-up the trial prunes to itself
+    (``prune.target_speedup``, the latency allocator), not a MACs reduction."""
     method = variant.method
     aware = get_method_class(method).training_aware
     overrides = {
@@ -144,9 +160,11 @@ def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int
         "prune.prune_ratio": ratio,
         "prune.epochs": 1 if aware else 0,
         "train.budget_epochs": budget,
-        "output_dir": str(out / f"t{int(target * 100)}-{variant.slug}-s{seed}"),
+        "output_dir": str(out / ((f"x{speedup:g}-" if speedup else f"t{int(target * 100)}-") + f"{variant.slug}-s{seed}")),
         "registry.enabled": False,
     }
+    if speedup:
+        overrides["prune.target_speedup"] = speedup
     if variant.scope != "inner":  # today's rows keep today's overrides exactly
         overrides["prune.scope"] = variant.scope
     if variant.blocks:
@@ -178,7 +196,34 @@ def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int
         "efficiency": final["speedup_efficiency"],
         "wall_s": time.perf_counter() - t0,
         "dense_top1": final["dense_val_top1"],
+        "corrections": final.get("target_corrections", float("nan")),
     }
+
+
+def uniform_at_speed(base: dict, scope: str, speedup: float) -> tuple[float, float, int]:
+    """The ``l1`` uniform ratio whose cut *measures* ``speedup`` against the dense model under
+    the benchmark's measure protocol: bisected on this device's latency table (the trial's own
+    cache), then corrected on measured speed by the trial's loop; (ratio, measured, corrections)."""
+    cfg = build_config(base, {"prune.scope": scope})
+    size = cfg.data.image_size
+    dense = build_model(cfg.model.arch, 10).eval()  # speed depends on shapes, not on weights
+    groups = find_groups(dense, size, scope)
+    protocol = timing_protocol(cfg, torch.device("cpu"))
+    table, _, _ = trial_table(cfg, dense, protocol, 10)
+    scores = {g.name: filter_norms(dense, g, 1) for g in groups}
+    ratio_of: dict[tuple, float] = {}
+
+    def allocate(aim: float) -> tuple[dict[str, int], float]:
+        ratio = uniform_ratio(table, groups, aim, cfg.prune.round_to)
+        counts = ratio_counts(groups, ratio, cfg.prune.round_to)
+        ratio_of[tuple(sorted(counts.items()))] = ratio
+        return counts, table.dense_s / table.predict_counts(groups, counts)
+
+    def measured(counts: dict[str, int]) -> float:
+        return compare(copy.deepcopy(dense), probe(dense, groups, scores, counts, size), size, protocol)["speedup"]
+
+    hit = hit_target(speedup, allocate, measured, tolerance=TOLERANCE, max_corrections=cfg.prune.target_corrections)
+    return ratio_of[tuple(sorted(hit.counts.items()))], hit.measured, hit.corrections
 
 
 def mean_std(xs: list[float]) -> str:
@@ -195,6 +240,9 @@ def main() -> None:
     rows_of.add_argument("--variants", nargs="+", type=Variant.parse, default=None,
                          help="rows as METHOD[@inner|@all][+bN] instead, e.g. abp@all l1+b2 lossvar+b2")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.75])
+    ap.add_argument("--speedups", nargs="+", type=float, default=None,
+                    help="instead of MACs targets: measured speed-ups, latency allocator against one uniform ratio")
+    ap.add_argument("--scope", default="all", choices=["inner", "all"], help="prune.scope of the --speedups rows")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=3, help="total epochs after the baseline, pruning epochs included")
     ap.add_argument("--baseline-epochs", type=int, default=8)
@@ -217,6 +265,8 @@ def main() -> None:
             ap.error(f"--variants {v.label}: {args.arch} has {available} identity-shortcut blocks")
     if args.budget < 2:
         ap.error("--budget: at least 2 (a pruning epoch and a fine-tune epoch)")
+    if args.speedups and (args.variants or min(args.speedups) <= 1):
+        ap.error("--speedups: speed-ups above 1, with the two l1 rows (no --variants)")
     work = Path(args.work)
     data = ROOT / "data" / f"digits-{args.image_size}"
     if not (data / "dataset.json").is_file():
@@ -236,7 +286,28 @@ def main() -> None:
 
     rows = []
     t_all = time.perf_counter()
-    for target in args.targets:
+    for speedup in args.speedups or []:
+        v = Variant("l1", args.scope)
+        try:
+            first = one_run(base, v, 0.5, speedup, args.seeds[0], args.budget, work / "runs", speedup=speedup)
+        except TargetUnreachable as err:  # the table's reach on this device, at this size
+            print(f"speed-up {speedup:.2f}x: {err}", flush=True)
+            continue
+        ratio, measured, corrections = uniform_at_speed(base, args.scope, speedup)
+        print(f"uniform ratio {ratio:.3f} measured {measured:.2f}x for {speedup:.2f}x ({corrections} corrections)",
+              flush=True)
+        for label, r, target in (("latency", 0.5, speedup), ("uniform", ratio, None)):
+            runs = [first if target and s == args.seeds[0] else
+                    one_run(base, v, r, speedup, s, args.budget, work / "runs", speedup=target) for s in args.seeds]
+            if target is None:
+                for run in runs:  # the ratio's own correction, before the trial
+                    run["corrections"] = corrections
+            rows.append({"target": speedup, "method": f"{label} (l1@{args.scope})", "variant": v,
+                         "ratio": r if target is None else float("nan"), "runs": runs, "speed": True})
+            print(f"speed-up {speedup:.2f}x {label:<8} cut {mean_std([x['cut'] for x in runs]):>12} "
+                  f"full {mean_std([x['full'] for x in runs]):>12} MACs -{runs[0]['macs_reduction']:.1%} "
+                  f"{statistics.mean(x['speedup'] for x in runs):.2f}x", flush=True)
+    for target in [] if args.speedups else args.targets:
         for v in variants:
             ratio = uniform_ratio_for(args.arch, args.image_size, target, method=v.method, scope=v.scope,
                                       blocks=v.blocks)
@@ -266,6 +337,10 @@ def format_table(rows: list[dict], args, wall: float) -> str:
         "| MACs red. | params red. | img/s (dense) | speed-up | efficiency | wall s/run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if rows and rows[0].get("speed"):
+        lines[2] = lines[2].replace("MACs target", "measured speed-up target").replace(" wall s/run |",
+                                                                                      " wall s/run | corrections |")
+        lines[3] += "---|"
     for row in rows:
         runs = row["runs"]
         macs = statistics.mean(r["macs_reduction"] for r in runs)
@@ -276,7 +351,11 @@ def format_table(rows: list[dict], args, wall: float) -> str:
             f"{statistics.mean(r['img_s'] for r in runs):.0f} ({statistics.mean(r['dense_img_s'] for r in runs):.0f}) | "
             f"{statistics.mean(r['speedup'] for r in runs):.2f}x | {statistics.mean(r['efficiency'] for r in runs):.2f} | "
             f"{statistics.mean(r['wall_s'] for r in runs):.0f} |"
+            + (f" {statistics.mean(r['corrections'] for r in runs):.1f} |" if row.get("speed") else "")
         )
+        if row.get("speed"):
+            lines[-1] = lines[-1].replace(f"| {row['target']:.0%} |", f"| {row['target']:.2f}× |", 1).replace(
+                "| nan |", "| - |", 1)
     return "\n".join(lines)
 
 
@@ -286,8 +365,8 @@ def log_to_mlflow(cfg, rows: list[dict], table: str) -> None:
         with registry.mlflow.start_run(run_name=f"{row['method']}-{int(row['target'] * 100)}"):
             v = row["variant"]
             registry.log_params({"method": v.method, "scope": v.scope, "blocks": v.blocks,
-                                 "target_macs_reduction": row["target"], "prune_ratio": row["ratio"],
-                                 "seeds": len(row["runs"])})
+                                 "target_speedup" if row.get("speed") else "target_macs_reduction": row["target"],
+                                 "prune_ratio": row["ratio"], "seeds": len(row["runs"])})
             for key in ("cut", "ft1", "full", "macs_reduction", "params_reduction", "img_s", "speedup", "efficiency",
                         "wall_s"):
                 vals = [r[key] for r in row["runs"]]

@@ -60,13 +60,15 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-allocator", default="cached", choices=["cached", "system"],
+                    help="measure.cpu_allocator: system leaves glibc's malloc as it is (docs/benchmarks.md §12)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
     dense = getattr(torchvision.models, args.arch)(num_classes=1000).eval()
     size = args.image_size
     protocol = TimingConfig(batch_size=args.batch, rounds=args.rounds, per_round=1, warmup=1, fold_bn=True,
-                            threads=torch.get_num_threads())
+                            threads=torch.get_num_threads(), cached_allocator=args.cpu_allocator == "cached")
     groups = find_groups(dense, size, args.scope)
     key = table_key(protocol, args.arch, size, 1000, args.scope, args.round_to, args.levels)
     table = build_table(dense, groups, protocol, key, reps=args.reps, warmup=1)

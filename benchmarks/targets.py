@@ -39,19 +39,26 @@ from pipeline.models import build_model  # noqa: E402
 from pipeline.surgery import filter_norms, find_groups  # noqa: E402
 
 
-def uniform_counts(table, groups, aim: float, round_to: int) -> tuple[dict[str, int], float]:
-    """One ratio for every group, bisected on the table until its predicted speed-up is ``aim``."""
-    def counts(ratio: float) -> dict[str, int]:
-        return {g.name: keep_count(g.size, ratio, round_to, g.channel_groups) for g in groups}
-
+def uniform_ratio(table, groups, aim: float, round_to: int) -> float:
+    """One ratio for every group (the ``uniform`` allocator's widths), bisected on the table
+    until its predicted speed-up is ``aim``."""
     lo, hi = 0.0, 0.95
     for _ in range(30):
         mid = (lo + hi) / 2
-        if table.dense_s / table.predict_counts(groups, counts(mid)) < aim:
+        if table.dense_s / table.predict_counts(groups, ratio_counts(groups, mid, round_to)) < aim:
             lo = mid
         else:
             hi = mid
-    best = counts(hi)
+    return hi
+
+
+def ratio_counts(groups, ratio: float, round_to: int) -> dict[str, int]:
+    return {g.name: keep_count(g.size, ratio, round_to, g.channel_groups) for g in groups}
+
+
+def uniform_counts(table, groups, aim: float, round_to: int) -> tuple[dict[str, int], float]:
+    """The uniform widths whose predicted speed-up is ``aim``, and that prediction."""
+    best = ratio_counts(groups, uniform_ratio(table, groups, aim, round_to), round_to)
     return best, table.dense_s / table.predict_counts(groups, best)
 
 
