@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import statistics
 import sys
@@ -149,7 +150,8 @@ def lossvar_target(arch: str, image_size: int, target: float, blocks: int) -> fl
 
 
 def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int, budget: int, out: Path,
-            lossvar_macs: float | None = None, speedup: float | None = None) -> dict:
+            lossvar_macs: float | None = None, speedup: float | None = None, allocator_options: dict | None = None
+            ) -> dict:
     """One trial; ``speedup``: ``target`` is a measured speed-up the trial prunes to itself
     (``prune.target_speedup``, the latency allocator), not a MACs reduction."""
     method = variant.method
@@ -160,11 +162,16 @@ def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int
         "prune.prune_ratio": ratio,
         "prune.epochs": 1 if aware else 0,
         "train.budget_epochs": budget,
-        "output_dir": str(out / ((f"x{speedup:g}-" if speedup else f"t{int(target * 100)}-") + f"{variant.slug}-s{seed}")),
+        # named by the arch too: a folder holding another arch's checkpoint is refused, not resumed
+        "output_dir": str(out / (base["model"]["arch"] + (f"-x{speedup:g}-" if speedup else f"-t{int(target * 100)}-")
+                                 + f"{variant.slug}-s{seed}"
+                                 + "".join(f"-{k}-{val}" for k, val in (allocator_options or {}).items()))),
         "registry.enabled": False,
     }
     if speedup:
         overrides["prune.target_speedup"] = speedup
+    if allocator_options:
+        overrides["prune.allocator_options"] = allocator_options
     if variant.scope != "inner":  # today's rows keep today's overrides exactly
         overrides["prune.scope"] = variant.scope
     if variant.blocks:
@@ -243,6 +250,8 @@ def main() -> None:
     ap.add_argument("--speedups", nargs="+", type=float, default=None,
                     help="instead of MACs targets: measured speed-ups, latency allocator against one uniform ratio")
     ap.add_argument("--scope", default="all", choices=["inner", "all"], help="prune.scope of the --speedups rows")
+    ap.add_argument("--allocator-options", type=json.loads, default=None,
+                    help='the latency rows\' prune.allocator_options, as JSON, e.g. \'{"normalize": "share"}\'')
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--budget", type=int, default=3, help="total epochs after the baseline, pruning epochs included")
     ap.add_argument("--baseline-epochs", type=int, default=8)
@@ -289,7 +298,8 @@ def main() -> None:
     for speedup in args.speedups or []:
         v = Variant("l1", args.scope)
         try:
-            first = one_run(base, v, 0.5, speedup, args.seeds[0], args.budget, work / "runs", speedup=speedup)
+            first = one_run(base, v, 0.5, speedup, args.seeds[0], args.budget, work / "runs", speedup=speedup,
+                            allocator_options=args.allocator_options)
         except TargetUnreachable as err:  # the table's reach on this device, at this size
             print(f"speed-up {speedup:.2f}x: {err}", flush=True)
             continue
@@ -298,10 +308,13 @@ def main() -> None:
               flush=True)
         for label, r, target in (("latency", 0.5, speedup), ("uniform", ratio, None)):
             runs = [first if target and s == args.seeds[0] else
-                    one_run(base, v, r, speedup, s, args.budget, work / "runs", speedup=target) for s in args.seeds]
+                    one_run(base, v, r, speedup, s, args.budget, work / "runs", speedup=target,
+                            allocator_options=args.allocator_options if target else None) for s in args.seeds]
             if target is None:
                 for run in runs:  # the ratio's own correction, before the trial
                     run["corrections"] = corrections
+            if target and args.allocator_options:
+                label += " " + ",".join(f"{k}={val}" for k, val in args.allocator_options.items())
             rows.append({"target": speedup, "method": f"{label} (l1@{args.scope})", "variant": v,
                          "ratio": r if target is None else float("nan"), "runs": runs, "speed": True})
             print(f"speed-up {speedup:.2f}x {label:<8} cut {mean_std([x['cut'] for x in runs]):>12} "

@@ -4,9 +4,14 @@ Given every group's channel scores (the method's own criterion) and the device's
 (pipeline/latency.py), each group's candidate widths are multiples of its step (lcm of
 ``round_to`` and its conv groups) from ``min_keep`` of its width up to all of it, at most
 ``max_choices`` of them. Keeping ``k`` channels of a group is worth the sum of its ``k`` best
-scores, each divided by the group's mean score (``normalize: mean``: one channel of average
-importance is worth 1 in every layer, whatever the scale of its layer's weights), times the
-group's producing convs (a residual stream's channel is a filter in every block that writes it).
+scores divided by the group's total (``normalize: share``, the default: every whole group is
+worth 1, and a cut costs the share of its group's importance it removes, however wide the group
+or large its weights), times the group's producing convs (a residual stream's channel is a
+filter in every block that writes it). ``mean`` divides by the group's mean score instead (one
+channel of average importance is worth 1 in every layer): a channel of a 64-wide early layer is
+then worth one of a 512-wide late layer, the knapsack strips the early, time-heavy layers, and
+on the digits that lost 28 points of top-1 right after the cut at 2× measured speed-up against
+``share`` (docs/benchmarks.md §12.3). ``none`` takes the scores as they are.
 Each table piece is a cost term over the group its conv reads and the group it writes; the
 residual streams are the knapsack's hubs (methods/knapsack.py, whose docstring states the
 bound on the solution's gap). The budget is the dense model's measured latency ÷
@@ -48,7 +53,7 @@ class LatencyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_choices: int = Field(16, ge=2, le=256)  # candidate widths per group
     min_keep: float = Field(0.1, gt=0.0, le=1.0)  # the narrowest share of a group a candidate keeps
-    normalize: Literal["mean", "none"] = "mean"
+    normalize: Literal["share", "mean", "none"] = "share"
     bins: int = Field(2000, ge=10, le=100_000)  # the knapsack's cost resolution
 
 
@@ -117,6 +122,8 @@ class LatencyAllocator(Allocator):
         s = scores.double().flatten()
         if self.options.normalize == "mean":
             s = s / s.mean().clamp_min(1e-12)
+        elif self.options.normalize == "share":
+            s = s / s.sum().clamp_min(1e-12)
         kept = torch.sort(s, descending=True).values.cumsum(0)
         weight = max(1, len(group.producers))
         return tuple(weight * float(kept[k - 1]) for k in widths)

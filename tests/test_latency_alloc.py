@@ -56,6 +56,21 @@ def test_more_importance_is_kept_than_by_uniform_widths_at_the_same_latency():
     assert kept(counts) > kept(uniform)
 
 
+def test_a_whole_group_is_worth_its_producers_under_share_and_its_width_under_mean():
+    """``share`` values a group by the share of its importance kept, whatever its width or the
+    scale of its weights; ``mean`` by its channels of average importance."""
+    model, groups, _, _, _ = _table("resnet50", "all")
+    narrow, wide = min(groups, key=lambda g: g.size), max(groups, key=lambda g: g.size)
+    assert narrow.size < wide.size
+    for g, scale in ((narrow, 1e-3), (wide, 7.0)):
+        scores = scale * torch.rand(g.size, generator=torch.Generator().manual_seed(g.size)) + scale
+        weight = max(1, len(g.producers))
+        share = LatencyAllocator({"normalize": "share"})._values(g, scores, (g.size // 2, g.size))
+        mean = LatencyAllocator({"normalize": "mean"})._values(g, scores, (g.size,))
+        assert share[1] == pytest.approx(weight) and 0.5 * weight < share[0] < weight  # the best half
+        assert mean[0] == pytest.approx(weight * g.size)
+
+
 def test_without_a_target_the_uniform_widths_latency_is_the_budget():
     model, groups, _, _, table = _table("resnet18", "inner")
     uniform = {g.name: keep_count(g.size, 0.5, 8) for g in groups}
