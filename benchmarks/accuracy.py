@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import re
 import statistics
 import sys
@@ -57,20 +58,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks import targets  # noqa: E402
 from benchmarks.speed import ratio_at  # noqa: E402
-from benchmarks.targets import ratio_counts, uniform_ratio  # noqa: E402
 from launch.recipe import baseline_path, run_pretrain, run_trial, timing_protocol  # noqa: E402
-from launch.speed_target import TOLERANCE, probe, trial_table  # noqa: E402
+from launch.speed_target import trial_table  # noqa: E402
 from methods import get_method_class, method_names  # noqa: E402
 from methods.latency_alloc import TargetUnreachable  # noqa: E402
 from pipeline import registry  # noqa: E402
 from pipeline.blocks import identity_blocks, remove_blocks  # noqa: E402
 from pipeline.config import absolutize, build_config  # noqa: E402
 from pipeline.data.convert import write_digits  # noqa: E402
-from pipeline.latency import hit_target  # noqa: E402
-from pipeline.measure import compare, count_macs  # noqa: E402
+from pipeline.measure import count_macs  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.surgery import filter_norms, find_groups  # noqa: E402
+from pipeline.surgery import find_groups  # noqa: E402
 
 SEED_METHODS = ["sfp", "autopruner", "lossvar", "abp", "ista"]
 BASELINES = ["l1", "l2", "random"]
@@ -208,29 +208,16 @@ def one_run(base: dict, variant: Variant, ratio: float, target: float, seed: int
 
 
 def uniform_at_speed(base: dict, scope: str, speedup: float) -> tuple[float, float, int]:
-    """The ``l1`` uniform ratio whose cut *measures* ``speedup`` against the dense model under
-    the benchmark's measure protocol: bisected on this device's latency table (the trial's own
-    cache), then corrected on measured speed by the trial's loop; (ratio, measured, corrections)."""
+    """The ``l1`` uniform ratio whose cut *measures* ``speedup`` under the benchmark's measure
+    protocol, on this device's latency table (the trial's own cache): (ratio, measured, corrections)."""
     cfg = build_config(base, {"prune.scope": scope})
-    size = cfg.data.image_size
     dense = build_model(cfg.model.arch, 10).eval()  # speed depends on shapes, not on weights
-    groups = find_groups(dense, size, scope)
+    groups = find_groups(dense, cfg.data.image_size, scope)
     protocol = timing_protocol(cfg, torch.device("cpu"))
     table, _, _ = trial_table(cfg, dense, protocol, 10)
-    scores = {g.name: filter_norms(dense, g, 1) for g in groups}
-    ratio_of: dict[tuple, float] = {}
-
-    def allocate(aim: float) -> tuple[dict[str, int], float]:
-        ratio = uniform_ratio(table, groups, aim, cfg.prune.round_to)
-        counts = ratio_counts(groups, ratio, cfg.prune.round_to)
-        ratio_of[tuple(sorted(counts.items()))] = ratio
-        return counts, table.dense_s / table.predict_counts(groups, counts)
-
-    def measured(counts: dict[str, int]) -> float:
-        return compare(copy.deepcopy(dense), probe(dense, groups, scores, counts, size), size, protocol)["speedup"]
-
-    hit = hit_target(speedup, allocate, measured, tolerance=TOLERANCE, max_corrections=cfg.prune.target_corrections)
-    return ratio_of[tuple(sorted(hit.counts.items()))], hit.measured, hit.corrections
+    ratio, hit = targets.uniform_at_speed(table, dense, groups, speedup, cfg.data.image_size, protocol,
+                                          cfg.prune.round_to, cfg.prune.target_corrections)
+    return ratio, hit.measured, hit.corrections
 
 
 def mean_std(xs: list[float]) -> str:
@@ -350,25 +337,24 @@ def format_table(rows: list[dict], args, wall: float) -> str:
         "| MACs red. | params red. | img/s (dense) | speed-up | efficiency | wall s/run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if rows and rows[0].get("speed"):
-        lines[2] = lines[2].replace("MACs target", "measured speed-up target").replace(" wall s/run |",
-                                                                                      " wall s/run | corrections |")
+    speed = bool(rows and rows[0].get("speed"))
+    if speed:
+        lines[2] = lines[2].replace("MACs target", "measured speed-up target") + " corrections |"
         lines[3] += "---|"
     for row in rows:
         runs = row["runs"]
         macs = statistics.mean(r["macs_reduction"] for r in runs)
         params = statistics.mean(r["params_reduction"] for r in runs)
+        target = f"{row['target']:.2f}×" if speed else f"{row['target']:.0%}"
         lines.append(
-            f"| {row['target']:.0%} | {row['method']} | {row['ratio']:.3f} | {mean_std([r['cut'] for r in runs])} | "
+            f"| {target} | {row['method']} | {'-' if math.isnan(row['ratio']) else format(row['ratio'], '.3f')} | "
+            f"{mean_std([r['cut'] for r in runs])} | "
             f"{mean_std([r['ft1'] for r in runs])} | {mean_std([r['full'] for r in runs])} | {macs:.1%} | {params:.1%} | "
             f"{statistics.mean(r['img_s'] for r in runs):.0f} ({statistics.mean(r['dense_img_s'] for r in runs):.0f}) | "
             f"{statistics.mean(r['speedup'] for r in runs):.2f}x | {statistics.mean(r['efficiency'] for r in runs):.2f} | "
             f"{statistics.mean(r['wall_s'] for r in runs):.0f} |"
-            + (f" {statistics.mean(r['corrections'] for r in runs):.1f} |" if row.get("speed") else "")
+            + (f" {statistics.mean(r['corrections'] for r in runs):.1f} |" if speed else "")
         )
-        if row.get("speed"):
-            lines[-1] = lines[-1].replace(f"| {row['target']:.0%} |", f"| {row['target']:.2f}× |", 1).replace(
-                "| nan |", "| - |", 1)
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ from launch.speed_target import TOLERANCE, latency_counts, probe, trial_table  #
 from methods import Budget, SelectContext, keep_count  # noqa: E402
 from pipeline.config import absolutize, load_config  # noqa: E402
 from pipeline.distributed import DistInfo  # noqa: E402
-from pipeline.latency import hit_target  # noqa: E402
+from pipeline.latency import TargetResult, hit_target  # noqa: E402
 from pipeline.measure import compare  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.surgery import filter_norms, find_groups  # noqa: E402
@@ -56,10 +56,26 @@ def ratio_counts(groups, ratio: float, round_to: int) -> dict[str, int]:
     return {g.name: keep_count(g.size, ratio, round_to, g.channel_groups) for g in groups}
 
 
-def uniform_counts(table, groups, aim: float, round_to: int) -> tuple[dict[str, int], float]:
-    """The uniform widths whose predicted speed-up is ``aim``, and that prediction."""
-    best = ratio_counts(groups, uniform_ratio(table, groups, aim, round_to), round_to)
-    return best, table.dense_s / table.predict_counts(groups, best)
+def uniform_at_speed(table, dense, groups, target: float, image_size: int, protocol, round_to: int,
+                     corrections: int) -> tuple[float, TargetResult]:
+    """One ratio for every group whose cut (l1 scores) *measures* ``target`` against ``dense``:
+    bisected on the table, then corrected on measured speed by the trial's loop (``hit_target``);
+    (the ratio, what the loop did)."""
+    scores = {g.name: filter_norms(dense, g, 1) for g in groups}
+    ratio_of: dict[tuple, float] = {}
+
+    def allocate(aim: float) -> tuple[dict[str, int], float]:
+        ratio = uniform_ratio(table, groups, aim, round_to)
+        counts = ratio_counts(groups, ratio, round_to)
+        ratio_of[tuple(sorted(counts.items()))] = ratio
+        return counts, table.dense_s / table.predict_counts(groups, counts)
+
+    def measured(counts: dict[str, int]) -> float:
+        cut = probe(dense, groups, scores, counts, image_size)
+        return compare(copy.deepcopy(dense), cut, image_size, protocol)["speedup"]
+
+    hit = hit_target(target, allocate, measured, tolerance=TOLERANCE, max_corrections=corrections)
+    return ratio_of[tuple(sorted(hit.counts.items()))], hit
 
 
 def main() -> int:
@@ -96,10 +112,8 @@ def main() -> int:
             t1 = time.perf_counter()
             if name == "uniform":
                 scores = {g.name: filter_norms(dense, g, 1) for g in groups}
-                hit = hit_target(target, lambda aim: uniform_counts(table, groups, aim, args.round_to),
-                                 lambda c, s=scores: compare(copy.deepcopy(dense), probe(dense, groups, s, c, args.image_size),
-                                                             args.image_size, protocol)["speedup"],
-                                 tolerance=TOLERANCE, max_corrections=args.corrections)
+                _, hit = uniform_at_speed(table, dense, groups, target, args.image_size, protocol, args.round_to,
+                                          args.corrections)
                 counts, said = hit.counts, hit.summary()
             else:
                 c = cfg.model_copy(deep=True)
